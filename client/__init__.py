@@ -1,0 +1,1 @@
+"""The hospital site: everything that touches patient data (slides, features, local training, DP)."""

@@ -1,0 +1,158 @@
+"""Training and evaluating a MIL aggregator on bags: the one training function that a site's ClientApp,
+the local-only and the pooled baselines all call.
+
+FedProx: with `proximal_mu > 0` and `global_weights`, the loss gains μ/2·Σ‖w − w_global‖² (Li et al. 2020).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from fedpath.common.bags import Bag, BagBatch, BagDataset, collate_bags
+from fedpath.common.metrics import auroc, balanced_accuracy, expected_calibration_error
+
+
+class TrainConfig(BaseModel):
+    """Local training settings; a typo in a key is an error, not a silently ignored setting."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(5, ge=1, description="local epochs over the training bags")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(8, ge=1, description="bags per optimisation step")
+    max_tiles: int | None = Field(512, ge=1, description="random tiles kept per bag in training")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers reading feature files")
+    seed: int = 0
+    proximal_mu: float = Field(0.0, ge=0, description="FedProx μ (0 = FedAvg / plain training)")
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    loss: float  # mean cross-entropy over the last epoch's bags (without the proximal term)
+    bags: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Per-bag outputs in dataset order: labels (N,), probabilities (N, C), mean cross-entropy."""
+
+    bag_ids: list[str]
+    patient_ids: list[str]
+    labels: np.ndarray
+    probs: np.ndarray
+    loss: float
+
+
+def make_loader(
+    dataset: BagDataset, *, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0
+) -> DataLoader[BagBatch]:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collate_bags,
+        num_workers=num_workers,
+        generator=generator,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def proximal_term(model: nn.Module, global_weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ‖w − w_global‖² over the trainable parameters (FedProx's penalty, before the μ/2 factor)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.stack(
+        [((p - g.to(p.device)) ** 2).sum() for p, g in zip(params, global_weights, strict=True)]
+    ).sum()
+
+
+def train_epochs(
+    model: nn.Module,
+    bags: Sequence[Bag],
+    config: TrainConfig,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> TrainStats:
+    """Train `model` in place on `bags` for `config.epochs` epochs.
+
+    When `config.proximal_mu > 0`, the model's weights at entry are the FedProx anchor (the global model).
+    """
+    if not bags:
+        raise ValueError("no training bags")
+    torch.manual_seed(config.seed)
+    model.to(device).train()
+    dataset = BagDataset(bags, max_tiles=config.max_tiles, seed=config.seed)
+    loader = make_loader(
+        dataset, batch_size=config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad] if config.proximal_mu else []
+    steps = 0
+    epoch_loss = float("nan")
+    for epoch in tqdm(range(config.epochs), desc="epochs", disable=not progress, leave=False):
+        dataset.set_epoch(epoch)
+        total, seen = 0.0, 0
+        for batch in loader:
+            batch = batch.to(device)
+            out = model(batch.features, batch.mask)
+            loss = F.cross_entropy(out.logits, batch.labels)
+            objective = loss + config.proximal_mu / 2 * proximal_term(model, anchor) if anchor else loss
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            steps += 1
+            total += float(loss.detach()) * len(batch.labels)
+            seen += len(batch.labels)
+        epoch_loss = total / max(seen, 1)
+    return TrainStats(loss=epoch_loss, bags=len(bags), steps=steps)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    bags: Sequence[Bag],
+    *,
+    batch_size: int = 8,
+    max_tiles: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Predictions:
+    """Class probabilities for every bag (all tiles by default), in the order given."""
+    model.to(device).eval()
+    dataset = BagDataset(bags, max_tiles=max_tiles)
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0)
+    probs, losses = [], []
+    for batch in loader:
+        batch = batch.to(device)
+        logits = model(batch.features, batch.mask).logits
+        losses.append(F.cross_entropy(logits, batch.labels, reduction="sum").item())
+        probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
+    p = np.concatenate(probs) if probs else np.zeros((0, 2))
+    return Predictions(
+        bag_ids=[b.bag_id for b in bags],
+        patient_ids=[b.patient_id for b in bags],
+        labels=dataset.labels,
+        probs=p,
+        loss=float(sum(losses) / max(len(bags), 1)),
+    )
+
+
+def summarize(pred: Predictions) -> dict[str, float]:
+    """Aggregate metrics only (no per-bag values): what may leave a site."""
+    return {
+        "auroc": auroc(pred.labels, pred.probs),
+        "balanced_accuracy": balanced_accuracy(pred.labels, pred.probs),
+        "ece": expected_calibration_error(pred.labels, pred.probs),
+        "loss": pred.loss,
+    }

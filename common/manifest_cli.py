@@ -1,0 +1,78 @@
+"""`fedpath manifest check FILE`: validate a cohort manifest and print a per-site summary."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fedpath.common.cli import Command
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    check = sub.add_parser(
+        "check",
+        help="validate a manifest; print slides, patients and label counts per site",
+        description="Validate a cohort manifest (CSV: slide_id, patient_id, site, label, features and/or "
+        "slide). Prints a per-site summary, or every problem with its line and column and exits 1.",
+    )
+    check.add_argument("file", help="the manifest CSV")
+    check.add_argument(
+        "--classes",
+        help="declared label classes in index order, comma-separated (e.g. 0,1); default: the labels found",
+    )
+    check.add_argument(
+        "--require", choices=["features", "slide"], help="demand this path column on every row"
+    )
+    check.add_argument("--no-file-check", action="store_true", help="do not check that feature files exist")
+
+
+def format_summary(manifest: object) -> str:
+    from fedpath.common.manifest import Manifest
+
+    assert isinstance(manifest, Manifest)
+    rows = manifest.summary()
+    header = ["site", "slides", "patients", *(f"label {c}" for c in manifest.classes)]
+    table = [
+        [r.site, str(r.slides), str(r.patients), *(str(r.label_counts[c]) for c in manifest.classes)]
+        for r in rows
+    ]
+    total = [
+        "total",
+        str(len(manifest.slides)),
+        str(len(manifest.patients())),
+        *(str(sum(r.label_counts[c] for r in rows)) for c in manifest.classes),
+    ]
+    widths = [max(len(x) for x in col) for col in zip(header, *table, total, strict=True)]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    lines = [fmt(header), *(fmt(r) for r in table), fmt(total)]
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fedpath.common.manifest import ManifestError, load_manifest
+
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    try:
+        manifest = load_manifest(
+            args.file, classes=classes, require=args.require, check_files=not args.no_file_check
+        )
+    except ManifestError as err:
+        print(f"{len(err.problems)} problem(s) in {args.file}:\n{err}", file=sys.stderr)
+        return 1
+    print(format_summary(manifest))
+    print(f"\n{args.file}: OK, {len(manifest.sites)} sites, classes {list(manifest.classes)}")
+    return 0
+
+
+COMMAND = Command(
+    name="manifest",
+    help="check a cohort manifest",
+    add_arguments=_add_arguments,
+    run=_run,
+)

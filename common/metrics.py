@@ -1,0 +1,158 @@
+"""Classification metrics for slide- and patient-level MIL: AUROC, balanced accuracy, calibration,
+patient aggregation and bootstrap confidence intervals.
+
+Scores are class probabilities: (N,) for the positive class or (N, C). Labels are class indices (N,).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def _as_matrix(scores: np.ndarray) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64)
+    return np.stack([1 - s, s], axis=1) if s.ndim == 1 else s
+
+
+def _binary_auroc(y: np.ndarray, s: np.ndarray) -> float:
+    """Mann-Whitney AUROC with ties counted as half; NaN when only one class is present."""
+    pos = y.astype(bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """AUROC: binary, or macro one-vs-rest over the classes present (NaN if fewer than two are present)."""
+    y = np.asarray(labels)
+    p = _as_matrix(scores)
+    if p.shape[1] == 2:
+        return _binary_auroc(y == 1, p[:, 1])
+    per_class = [_binary_auroc(y == k, p[:, k]) for k in range(p.shape[1]) if 0 < (y == k).sum() < len(y)]
+    return float(np.mean(per_class)) if per_class else float("nan")
+
+
+def balanced_accuracy(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mean per-class recall of the arg-max prediction, over the classes present."""
+    y = np.asarray(labels)
+    pred = _as_matrix(scores).argmax(axis=1)
+    recalls = [float((pred[y == k] == k).mean()) for k in np.unique(y)]
+    return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def expected_calibration_error(labels: np.ndarray, scores: np.ndarray, n_bins: int = 10) -> float:
+    """Top-label ECE: Σ_bins (n_bin/N)·|accuracy − confidence| over equal-width confidence bins."""
+    y = np.asarray(labels)
+    p = _as_matrix(scores)
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        sel = bins == b
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(ece)
+
+
+def reliability_curve(
+    labels: np.ndarray, scores: np.ndarray, n_bins: int = 10
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per confidence bin: mean confidence, accuracy and count (bins with no sample are dropped)."""
+    y = np.asarray(labels)
+    p = _as_matrix(scores)
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    kept = [b for b in range(n_bins) if (bins == b).any()]
+    return (
+        np.array([conf[bins == b].mean() for b in kept]),
+        np.array([correct[bins == b].mean() for b in kept]),
+        np.array([(bins == b).sum() for b in kept]),
+    )
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Binary ROC: false- and true-positive rates at every distinct threshold, from (0, 0) to (1, 1)."""
+    y = np.asarray(labels) == 1
+    s = _as_matrix(scores)[:, 1]
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    last_of_tie = np.r_[np.diff(s) != 0, True]
+    tps = np.cumsum(y)[last_of_tie]
+    fps = np.cumsum(~y)[last_of_tie]
+    tpr = np.r_[0, tps] / max(int(y.sum()), 1)
+    fpr = np.r_[0, fps] / max(int((~y).sum()), 1)
+    return fpr, tpr
+
+
+def aggregate_by_patient(
+    patient_ids: Sequence[str], labels: np.ndarray, scores: np.ndarray
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Patient-level scores: the mean of the patient's slide probabilities; the label is the patient's
+    most frequent slide label (ties: the higher class). Returns (patients, labels, scores) in first-seen order.
+    """
+    p = _as_matrix(scores)
+    y = np.asarray(labels)
+    patients = list(dict.fromkeys(patient_ids))
+    index = {pid: i for i, pid in enumerate(patients)}
+    rows = np.array([index[pid] for pid in patient_ids])
+    sums = np.zeros((len(patients), p.shape[1]))
+    np.add.at(sums, rows, p)
+    counts = np.bincount(rows, minlength=len(patients))[:, None]
+    n_classes = max(p.shape[1], int(y.max()) + 1 if len(y) else 0)
+    label_counts = np.zeros((len(patients), n_classes))
+    np.add.at(label_counts, (rows, y), 1)
+    # highest count, ties to the higher class: flip, argmax takes the first maximum
+    patient_labels = n_classes - 1 - np.argmax(label_counts[:, ::-1], axis=1)
+    return patients, patient_labels, sums / counts
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with a bootstrap confidence interval (NaN bounds when it cannot be estimated)."""
+
+    value: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+
+def bootstrap_ci(
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    labels: np.ndarray,
+    scores: np.ndarray,
+    *,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """Percentile bootstrap CI of `metric`, resampling cases (pass patient-level arrays for patient CIs).
+
+    Resamples where the metric is undefined (e.g. one class only for AUROC) are skipped.
+    """
+    y = np.asarray(labels)
+    s = np.asarray(scores)
+    value = metric(y, s)
+    if len(y) < 2:
+        return Estimate(value, float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        v = metric(y[idx], s[idx])
+        if np.isfinite(v):
+            stats.append(v)
+    if len(stats) < max(10, n_boot // 10):
+        return Estimate(value, float("nan"), float("nan"))
+    alpha = (1 - level) / 2
+    low, high = np.quantile(stats, [alpha, 1 - alpha])
+    return Estimate(value, float(low), float(high))

@@ -1,0 +1,1 @@
+"""The coordinator: Flower ServerApp, aggregation, checkpoints and the round log."""

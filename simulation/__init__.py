@@ -1,0 +1,1 @@
+"""Researchers' tools: synthetic cohorts, simulated federations, baselines and reports."""
