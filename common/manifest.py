@@ -142,7 +142,7 @@ def _sort_labels(labels: Iterable[str]) -> tuple[str, ...]:
 
 def _resolve(base: Path, value: str) -> Path:
     p = Path(value).expanduser()
-    return p if p.is_absolute() else base / p
+    return p if p.is_absolute() else Path(os.path.normpath(base / p))
 
 
 def load_manifest(

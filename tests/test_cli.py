@@ -1,0 +1,135 @@
+import argparse
+import ast
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from fedpath.common.cli import build_parser, discover_commands
+from tests.helpers import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _all_command_paths() -> list[list[str]]:
+    """Every command and nested subcommand reachable from `fedpath`, e.g. ['manifest', 'check']."""
+    parser = build_parser(discover_commands())
+    paths: list[list[str]] = []
+
+    def walk(p: argparse.ArgumentParser, prefix: list[str]) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    paths.append([*prefix, name])
+                    walk(sub, [*prefix, name])
+
+    walk(parser, [])
+    return paths
+
+
+def test_commands_are_discovered() -> None:
+    names = {c.name for c in discover_commands()}
+    assert {"manifest", "synth", "demo"} <= names
+
+
+@pytest.mark.parametrize("path", _all_command_paths(), ids=lambda p: " ".join(p))
+def test_every_command_has_help(path: list[str]) -> None:
+    result = run_cli(*path, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: fedpath " + " ".join(path))
+    assert len(result.stdout.splitlines()) < 60, "help should fit on a screen"
+
+
+def test_synth_then_check(tmp_path: Path) -> None:
+    out = tmp_path / "cohort"
+    made = run_cli(
+        "synth", "--out", str(out), "--sites", "2", "--slides", "20", "--dim", "4", "--tiles-median", "8"
+    )
+    assert made.returncode == 0, made.stderr
+    assert str(out / "manifest.csv") in made.stdout
+    check = run_cli("manifest", "check", str(out / "manifest.csv"))
+    assert check.returncode == 0 and "site-A" in check.stdout and "site-B" in check.stdout
+    bad = run_cli("synth", "--out", str(tmp_path / "x"), "--sites", "9", "--slides", "10")
+    assert bad.returncode == 2 and "too few for 9 sites" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize(
+    ("room", "forbidden"),
+    [
+        ("common", {"client", "server", "simulation"}),
+        ("client", {"server", "simulation"}),
+        ("server", {"client", "simulation"}),
+    ],
+)
+def test_imports_flow_one_way(room: str, forbidden: set[str]) -> None:
+    for path in (ROOT / room).rglob("*.py"):
+        for name in _imports(path):
+            parts = name.split(".")
+            assert parts[0] not in {"common", "client", "server", "simulation"}, f"{path}: bare import {name}"
+            if parts[0] == "fedpath" and len(parts) > 1:
+                assert parts[1] not in forbidden, f"{path} imports {name}"
+
+
+@pytest.mark.slow
+def test_wheel_holds_the_four_rooms_and_the_commands(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    wheel = next(tmp_path.glob("fedpath-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for module in ("common/manifest.py", "client/training.py", "server/__init__.py", "simulation/synth.py"):
+        assert f"fedpath/{module}" in names
+    assert not any(n.startswith(("tests/", "common/", "fedpath/tests")) for n in names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "[fedpath.commands]" in text and "fedpath = fedpath.common.cli:main" in text
+
+
+@pytest.mark.slow
+def test_demo_prints_a_table_per_site(tmp_path: Path) -> None:
+    result = run_cli(
+        "demo",
+        "--out",
+        str(tmp_path / "run"),
+        "--sites",
+        "2",
+        "--slides",
+        "40",
+        "--dim",
+        "8",
+        "--tiles-median",
+        "20",
+        "--epochs",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr
+    for site in ("site-A", "site-B"):
+        assert site in result.stdout
+    assert "AUROC" in result.stdout and str(tmp_path / "run") in result.stdout
+    assert (tmp_path / "run" / "results.csv").exists()

@@ -1,0 +1,115 @@
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from fedpath.common.atomic import atomic_path
+from fedpath.common.features import (
+    FeatureFileError,
+    FeatureMeta,
+    inspect_features,
+    read_feature_matrix,
+    read_features,
+    write_features,
+)
+
+
+def meta(mpp: float | None = 0.5) -> FeatureMeta:
+    return FeatureMeta(
+        slide_id="S1",
+        encoder="resnet18",
+        weights_sha256="ab" * 32,
+        tile_size_px=224,
+        tile_size_um=256.0,
+        slide_mpp=mpp,
+        extra={"settings_hash": "xyz"},
+    )
+
+
+def test_fedpath_layout_round_trip(tmp_path: Path) -> None:
+    feats = np.random.default_rng(0).normal(size=(5, 12)).astype(np.float32)
+    coords = np.array([[0, 0], [512, 0], [1024, 0], [0, 512], [512, 512]])
+    path = write_features(tmp_path / "s1.h5", feats, coords, meta())
+    with h5py.File(path) as f:  # the documented layout, with units stated on the datasets
+        assert f.attrs["format"] == "fedpath-features"
+        assert f["coords_px"].attrs["unit"] == "level0_px"
+        assert f["coords_um"].attrs["unit"] == "um"
+    tf = read_features(path)
+    assert tf.info.layout == "fedpath"
+    np.testing.assert_array_equal(tf.features, feats)
+    np.testing.assert_array_equal(tf.coords_px, coords)
+    np.testing.assert_allclose(tf.coords_um, coords * 0.5)
+    info = inspect_features(path)
+    assert (info.n_tiles, info.dim, info.encoder) == (5, 12, "resnet18")
+    assert info.tile_size_um == 256.0 and info.slide_mpp == 0.5 and info.weights_sha256 == "ab" * 32
+    assert info.attrs["settings_hash"] == "xyz" and "fedpath_version" in info.attrs
+
+
+def test_unknown_mpp_keeps_pixel_coords_only(tmp_path: Path) -> None:
+    path = write_features(tmp_path / "s.h5", np.zeros((2, 3)), np.zeros((2, 2)), meta(mpp=None))
+    tf = read_features(path)
+    assert tf.coords_um is None and tf.info.slide_mpp is None
+    assert tf.coords_px is not None
+
+
+def test_reads_stamp_files_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "stamp.h5"
+    feats = np.random.default_rng(1).normal(size=(4, 6)).astype(np.float16)
+    with h5py.File(path, "w") as f:
+        f["feats"] = feats
+        f["coords"] = np.array([[0.0, 0.0], [256.0, 0.0], [0.0, 256.0], [256.0, 256.0]])
+        f.attrs.update({"extractor": "uni", "unit": "um", "tile_size_um": 256.0, "tile_size_px": 224})
+    tf = read_features(path)
+    assert tf.info.layout == "stamp" and tf.info.encoder == "uni"
+    assert tf.features.dtype == np.float32 and tf.features.shape == (4, 6)
+    np.testing.assert_allclose(tf.features, feats.astype(np.float32))
+    np.testing.assert_allclose(tf.coords_um[:, 0], [0, 256, 0, 256])  # type: ignore[index]
+    assert tf.coords_px is None  # STAMP does not record the slide's MPP
+
+
+def test_reads_clam_and_trident_files_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "clam.h5"
+    feats = np.random.default_rng(2).normal(size=(1, 3, 5)).astype(np.float32)  # CLAM's batch axis
+    with h5py.File(path, "w") as f:
+        f["features"] = feats
+        c = f.create_dataset("coords", data=np.array([[[0, 0], [448, 0], [0, 448]]]))
+        c.attrs["patch_size"] = 448
+        c.attrs["patch_level"] = 0
+    tf = read_features(path)
+    assert tf.info.layout == "clam" and tf.info.tile_size_px == 448
+    np.testing.assert_array_equal(tf.features, feats[0])
+    np.testing.assert_array_equal(tf.coords_px, [[0, 0], [448, 0], [0, 448]])
+    np.testing.assert_array_equal(read_feature_matrix(path, rows=np.array([0, 2])), feats[0][[0, 2]])
+
+
+def test_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(FeatureFileError, match="does not exist"):
+        read_features(tmp_path / "none.h5")
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5 at all")
+    with pytest.raises(FeatureFileError, match=r"junk\.h5: not a readable HDF5"):
+        inspect_features(junk)
+    empty = tmp_path / "empty.h5"
+    with h5py.File(empty, "w") as f:
+        f["something"] = np.zeros(3)
+    with pytest.raises(FeatureFileError, match=r"empty\.h5: no tile features found.*something"):
+        read_features(empty)
+    nan = tmp_path / "nan.h5"
+    write_features(nan, np.full((2, 2), np.nan), np.zeros((2, 2)), meta())
+    with pytest.raises(FeatureFileError, match="NaN"):
+        read_feature_matrix(nan)
+
+
+def test_write_is_atomic(tmp_path: Path) -> None:
+    target = tmp_path / "s.h5"
+    write_features(target, np.ones((2, 2)), np.zeros((2, 2)), meta())
+    before = target.read_bytes()
+    # a failure in the middle of a write leaves the previous file intact and no temp file behind
+    with pytest.raises(ValueError, match="coords_px must be"):
+        write_features(target, np.ones((3, 2)), np.zeros((2, 2)), meta())
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]

@@ -1,0 +1,162 @@
+from pathlib import Path
+
+import pytest
+
+from fedpath.common.manifest import ManifestError, load_manifest, split_patients, write_manifest
+from tests.helpers import run_cli, write_csv, write_feature_file
+
+HEADER = ["slide_id", "patient_id", "site", "label", "features"]
+
+
+@pytest.fixture
+def feats(tmp_path: Path) -> Path:
+    d = tmp_path / "feats"
+    d.mkdir()
+    for name in ("a", "b", "c", "d"):
+        write_feature_file(d / f"{name}.h5", slide_id=name)
+    return d
+
+
+def good_rows() -> list[list[str]]:
+    return [
+        ["a", "p1", "H1", "0", "feats/a.h5"],
+        ["b", "p1", "H1", "0", "feats/b.h5"],
+        ["c", "p2", "H2", "1", "feats/c.h5"],
+        ["d", "p3", "H2", "0", "feats/d.h5"],
+    ]
+
+
+def error_of(path: Path, **kwargs: object) -> ManifestError:
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path, **kwargs)  # type: ignore[arg-type]
+    return info.value
+
+
+def test_valid_manifest_resolves_paths_against_its_folder(tmp_path: Path, feats: Path) -> None:
+    m = load_manifest(write_csv(tmp_path / "m.csv", HEADER, good_rows()))
+    assert m.classes == ("0", "1")
+    assert m.sites == ["H1", "H2"]
+    assert m.slides[0].features == (tmp_path / "feats" / "a.h5").resolve()
+    assert {pid: len(s) for pid, s in m.patients().items()} == {"p1": 2, "p2": 1, "p3": 1}
+    summary = {s.site: s for s in m.summary()}
+    assert summary["H1"].slides == 2 and summary["H1"].patients == 1
+    assert summary["H2"].label_counts == {"0": 1, "1": 1}
+
+
+def test_missing_column_names_file_and_column(tmp_path: Path, feats: Path) -> None:
+    rows = [r[:1] + r[2:] for r in good_rows()]
+    path = write_csv(tmp_path / "m.csv", ["slide_id", "site", "label", "features"], rows)
+    err = error_of(path)
+    assert str(path) in str(err)
+    assert "line 1, column 'patient_id': missing column" in str(err)
+
+
+def test_empty_id_names_line_and_column(tmp_path: Path, feats: Path) -> None:
+    rows = good_rows()
+    rows[2][1] = ""
+    err = str(error_of(write_csv(tmp_path / "m.csv", HEADER, rows)))
+    assert "line 4, column 'patient_id': empty id" in err
+
+
+def test_duplicate_slide_names_both_lines(tmp_path: Path, feats: Path) -> None:
+    rows = good_rows()
+    rows[3][0] = "a"
+    err = str(error_of(write_csv(tmp_path / "m.csv", HEADER, rows)))
+    assert "line 5, column 'slide_id': duplicate slide 'a' (first on line 2)" in err
+
+
+def test_patient_at_two_sites_is_an_error(tmp_path: Path, feats: Path) -> None:
+    rows = good_rows()
+    rows[2][1] = "p1"  # p1 is at H1 on lines 2-3; here at H2
+    err = str(error_of(write_csv(tmp_path / "m.csv", HEADER, rows)))
+    assert "line 4, column 'site': patient 'p1' is at site 'H2' here but at site 'H1' on line 2" in err
+
+
+def test_label_outside_declared_classes(tmp_path: Path, feats: Path) -> None:
+    rows = good_rows()
+    rows[1][3] = "2"
+    err = str(error_of(write_csv(tmp_path / "m.csv", HEADER, rows), classes=["0", "1"]))
+    assert "line 3, column 'label': label '2' is not one of the declared classes ['0', '1']" in err
+
+
+def test_missing_feature_file(tmp_path: Path, feats: Path) -> None:
+    rows = good_rows()
+    rows[0][4] = "feats/nope.h5"
+    err = str(error_of(write_csv(tmp_path / "m.csv", HEADER, rows)))
+    assert "line 2, column 'features': feature file does not exist" in err
+    assert "nope.h5" in err
+    # without the file check the same manifest loads (extraction will create the files)
+    assert len(load_manifest(tmp_path / "m.csv", check_files=False).slides) == 4
+
+
+def test_all_problems_reported_at_once(tmp_path: Path, feats: Path) -> None:
+    rows = good_rows()
+    rows[0][0] = ""
+    rows[3][4] = "feats/missing.h5"
+    err = error_of(write_csv(tmp_path / "m.csv", HEADER, rows))
+    assert len(err.problems) == 2
+    assert [p.line for p in err.problems] == [2, 5]
+
+
+def test_no_path_column_and_bad_mpp(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "m.csv", ["slide_id", "patient_id", "site", "label"], [["a", "p", "H", "0"]])
+    assert "needs a 'features' column, a 'slide' column, or both" in str(error_of(path))
+    path = write_csv(
+        tmp_path / "m2.csv",
+        ["slide_id", "patient_id", "site", "label", "slide", "mpp"],
+        [["a", "p", "H", "0", "a.svs", "x"]],
+    )
+    assert "line 2, column 'mpp': 'x' is not a positive number" in str(error_of(path))
+
+
+def test_write_then_load_round_trip(tmp_path: Path, feats: Path) -> None:
+    m = load_manifest(write_csv(tmp_path / "m.csv", HEADER, good_rows()))
+    out = tmp_path / "sub" / "copy.csv"
+    write_manifest(out, m.slides)
+    assert "../feats/a.h5" in out.read_text()  # relative to the new manifest's folder
+    again = load_manifest(out)
+    assert [(s.slide_id, s.features) for s in again.slides] == [(s.slide_id, s.features) for s in m.slides]
+
+
+def _big_manifest(tmp_path: Path, n_patients: int = 120) -> Path:
+    rows = []
+    f = write_feature_file(tmp_path / "x.h5")
+    for i in range(n_patients):
+        site = f"H{i % 3}"
+        label = "1" if i % 4 == 0 else "0"
+        for k in range(1 + i % 3):  # up to three slides per patient
+            rows.append([f"s{i}-{k}", f"p{i}", site, label, f.name])
+    return write_csv(tmp_path / "big.csv", HEADER, rows)
+
+
+def test_splits_are_patient_level_stratified_and_seeded(tmp_path: Path) -> None:
+    m = load_manifest(_big_manifest(tmp_path))
+    splits = split_patients(m, val=0.2, test=0.25, seed=7)
+    labels = m.patient_labels()
+    for site, split in splits.items():
+        parts = [split.train, split.val, split.test]
+        for i in range(3):
+            for j in range(i + 1, 3):
+                assert not parts[i] & parts[j], f"patient on two sides at {site}"
+        site_patients = set(m.for_site(site).patients())
+        assert split.train | split.val | split.test == site_patients
+        # stratified: each part's positive share within one patient of the site's share
+        pos_share = sum(labels[p] for p in site_patients) / len(site_patients)
+        for part in parts:
+            assert abs(sum(labels[p] for p in part) - pos_share * len(part)) <= 1.0
+        assert abs(len(split.test) - 0.25 * len(site_patients)) <= 1
+    assert split_patients(m, val=0.2, test=0.25, seed=7) == splits
+    assert split_patients(m, val=0.2, test=0.25, seed=8) != splits
+
+
+def test_manifest_check_cli(tmp_path: Path, feats: Path) -> None:
+    good = write_csv(tmp_path / "m.csv", HEADER, good_rows())
+    ok = run_cli("manifest", "check", str(good))
+    assert ok.returncode == 0, ok.stderr
+    assert "H1" in ok.stdout and "total" in ok.stdout and "OK" in ok.stdout
+    rows = good_rows()
+    rows[1][0] = "a"
+    bad = write_csv(tmp_path / "bad.csv", HEADER, rows)
+    fail = run_cli("manifest", "check", str(bad))
+    assert fail.returncode == 1
+    assert "line 3, column 'slide_id': duplicate slide 'a'" in fail.stderr
