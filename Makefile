@@ -28,8 +28,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	mkdir -p .typecheck/fedpath
 	for room in common client server simulation; do ln -sfn ../../$$room .typecheck/fedpath/$$room; done
-	cd .typecheck && MYPYPATH=. ../$(BIN)/mypy --config-file ../pyproject.toml -p fedpath
-	$(BIN)/mypy --config-file pyproject.toml benchmarks
+	MYPYPATH=.typecheck $(BIN)/mypy -p fedpath
+	MYPYPATH=.typecheck $(BIN)/mypy benchmarks
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q
