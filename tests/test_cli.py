@@ -109,6 +109,23 @@ def test_wheel_holds_the_four_rooms_and_the_commands(tmp_path: Path) -> None:
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[fedpath.commands]" in text and "fedpath = fedpath.common.cli:main" in text
+    # the installed wheel imports on its own: no site hooks (so no editable finder), dependencies from the venv
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    deps = next(p for p in sys.path if p.endswith("site-packages"))
+    probe = "import fedpath.common.manifest as m, fedpath.simulation.synth; print(m.__file__)"
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", probe],
+        env={"PYTHONPATH": f"{target}:{deps}"},
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert out.stdout.strip().startswith(str(target))
 
 
 @pytest.mark.slow
