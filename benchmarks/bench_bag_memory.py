@@ -19,9 +19,10 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
-def _one_epoch(manifest_path: str, n_slides: int, workers: int, queue: mp.Queue) -> None:  # type: ignore[type-arg]
+def _one_epoch(manifest_path: str, n_slides: int, workers: int, queue: Any) -> None:
     import numpy as np
     import torch
 
