@@ -1,13 +1,16 @@
 """Training and evaluating a MIL aggregator on bags: the one training function that a site's ClientApp,
 the local-only and the pooled baselines all call.
 
-FedProx: with `proximal_mu > 0` and `global_weights`, the loss gains μ/2·Σ‖w − w_global‖² (Li et al. 2020).
+FedProx: with `proximal_mu > 0`, the weights at entry are the global model and the loss gains
+μ/2·Σ‖w − w_global‖² (Li et al. 2020). With a `PrivatePlan` the same loop runs under Opacus DP-SGD over
+Poisson-sampled patients, and the proximal pull becomes a step after each noisy update (client/privacy.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,7 +21,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fedpath.common.bags import Bag, BagBatch, BagDataset, collate_bags
+from fedpath.common.features import inspect_features
 from fedpath.common.metrics import auroc, balanced_accuracy, expected_calibration_error
+
+if TYPE_CHECKING:  # Opacus is imported only when a site trains with DP (it takes seconds to import)
+    from fedpath.client.privacy import PrivatePlan
 
 
 class TrainConfig(BaseModel):
@@ -84,38 +91,67 @@ def train_epochs(
     *,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    privacy: PrivatePlan | None = None,
 ) -> TrainStats:
     """Train `model` in place on `bags` for `config.epochs` epochs.
 
     When `config.proximal_mu > 0`, the model's weights at entry are the FedProx anchor (the global model).
+    With `privacy`, training is DP-SGD with the plan's σ, clipping norm and Poisson rate over the bags
+    (one bag per patient), `plan.steps` steps in all.
     """
     if not bags:
         raise ValueError("no training bags")
     torch.manual_seed(config.seed)
     model.to(device).train()
     dataset = BagDataset(bags, max_tiles=config.max_tiles, seed=config.seed)
-    loader = make_loader(
-        dataset, batch_size=config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers
+    optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad] if config.proximal_mu else []
+    trained: nn.Module = model
+    if privacy is None:
+        loader: DataLoader[BagBatch] = make_loader(
+            dataset,
+            batch_size=config.batch_size,
+            shuffle=True,
+            seed=config.seed,
+            num_workers=config.num_workers,
+        )
+    else:
+        from fedpath.client.privacy import make_private, proximal_step
+
+        dim = inspect_features(bags[0].paths[0]).dim
+        trained, optimizer, loader = make_private(
+            model, optimizer, dataset, privacy, dim=dim, seed=config.seed
+        )
     steps = 0
     epoch_loss = float("nan")
-    for epoch in tqdm(range(config.epochs), desc="epochs", disable=not progress, leave=False):
-        dataset.set_epoch(epoch)
-        total, seen = 0.0, 0
-        for batch in loader:
-            batch = batch.to(device)
-            out = model(batch.features, batch.mask)
-            loss = F.cross_entropy(out.logits, batch.labels)
-            objective = loss + config.proximal_mu / 2 * proximal_term(model, anchor) if anchor else loss
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            optimizer.step()
-            steps += 1
-            total += float(loss.detach()) * len(batch.labels)
-            seen += len(batch.labels)
-        epoch_loss = total / max(seen, 1)
+    try:
+        for epoch in tqdm(range(config.epochs), desc="epochs", disable=not progress, leave=False):
+            dataset.set_epoch(epoch)
+            total, seen = 0.0, 0
+            for batch in loader:
+                batch = batch.to(device)
+                out = trained(batch.features, batch.mask)
+                if len(batch.labels):
+                    loss = F.cross_entropy(out.logits, batch.labels)
+                else:  # an empty Poisson batch: no data, but the noisy step is still taken
+                    loss = out.logits.sum() * 0.0
+                objective = loss
+                if anchor and privacy is None:
+                    objective = loss + config.proximal_mu / 2 * proximal_term(model, anchor)
+                optimizer.zero_grad(set_to_none=True)
+                objective.backward()
+                optimizer.step()
+                if anchor and privacy is not None:
+                    proximal_step(model, anchor, config.lr, config.proximal_mu)
+                steps += 1
+                total += float(loss.detach()) * len(batch.labels)
+                seen += len(batch.labels)
+            epoch_loss = total / max(seen, 1)
+    finally:
+        if privacy is not None:
+            trained._close()  # type: ignore[operator]  # removes Opacus's hooks and per-sample gradients
     return TrainStats(loss=epoch_loss, bags=len(bags), steps=steps)
 
 
