@@ -65,7 +65,9 @@ def main() -> None:
     p.add_argument("--encoder", default="resnet18", help="timm model (random init)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--tile-px", type=int, default=224)
-    p.add_argument("--tile-mpp", type=float, default=0.5, help="µm/px of a tile (0.5 = 20x, as the peers' table)")
+    p.add_argument(
+        "--tile-mpp", type=float, default=0.5, help="µm/px of a tile (0.5 = 20x, as the peers' table)"
+    )
     p.add_argument("--assume-mpp", type=float, default=0.5, help="MPP for the TCGA slide, which has none")
     p.add_argument("--workers", type=int, help="tile-reading processes (default: as fedpath extract)")
     p.add_argument("--repeats", type=int, default=3)
@@ -81,10 +83,18 @@ def main() -> None:
     if args.workers is None:
         args.workers = default_workers()
 
-    encoder = load_encoder(args.encoder, tile_px=TilePixels(args.tile_px), random_init=True, device=args.device)
-    settings = ExtractSettings(tile_um=Microns(args.tile_mpp * args.tile_px), tile_px=TilePixels(args.tile_px),
-                               assume_mpp=MicronsPerPixel(args.assume_mpp), batch_size=args.batch_size,
-                               workers=args.workers, overwrite=True, progress=False)
+    encoder = load_encoder(
+        args.encoder, tile_px=TilePixels(args.tile_px), random_init=True, device=args.device
+    )
+    settings = ExtractSettings(
+        tile_um=Microns(args.tile_mpp * args.tile_px),
+        tile_px=TilePixels(args.tile_px),
+        assume_mpp=MicronsPerPixel(args.assume_mpp),
+        batch_size=args.batch_size,
+        workers=args.workers,
+        overwrite=True,
+        progress=False,
+    )
     jobs = [SlideJob(slide_id=Path(name).stem, path=DATA / name) for name in SLIDES]
     end_to_end(jobs, encoder, settings)  # warm-up: file cache, allocator, worker start
     # each slide's run is paired with a bare forward pass over as many tiles right after it, so load from
@@ -101,12 +111,16 @@ def main() -> None:
         e2es.append(tiles / e2e_s)
         bares.append(tiles / bare_s)
         ratios.append(bare_s / e2e_s)
-    print(f"encoder {args.encoder} (random init) on {encoder.device}, batch {args.batch_size}, "
-          f"{args.tile_px} px tiles at {args.tile_mpp} µm/px, {args.workers} workers, "
-          f"{torch.get_num_threads()} torch threads, {tiles} tiles from {len(jobs)} slides, {args.repeats} repeats")
+    print(
+        f"encoder {args.encoder} (random init) on {encoder.device}, batch {args.batch_size}, "
+        f"{args.tile_px} px tiles at {args.tile_mpp} µm/px, {args.workers} workers, "
+        f"{torch.get_num_threads()} torch threads, {tiles} tiles from {len(jobs)} slides, {args.repeats} repeats"
+    )
     print(f"bare forward: {statistics.median(bares):.1f} tiles/s")
     print(f"end to end:   {statistics.median(e2es):.1f} tiles/s")
-    print(f"ratio (median of paired runs): {statistics.median(ratios):.3f}  [{', '.join(f'{r:.3f}' for r in ratios)}]")
+    print(
+        f"ratio (median of paired runs): {statistics.median(ratios):.3f}  [{', '.join(f'{r:.3f}' for r in ratios)}]"
+    )
 
 
 if __name__ == "__main__":

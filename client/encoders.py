@@ -128,7 +128,11 @@ def cached_hf_file(repo_id: str, filenames: tuple[str, ...]) -> Path | None:
 
 def _unknown_model(name: str) -> EncoderError:
     close = difflib.get_close_matches(name, timm.list_models(), n=8, cutoff=0.6)
-    hint = f"close names: {', '.join(close)}" if close else "list them with python -c 'import timm; print(timm.list_models())'"
+    hint = (
+        f"close names: {', '.join(close)}"
+        if close
+        else "list them with python -c 'import timm; print(timm.list_models())'"
+    )
     return EncoderError(f"unknown timm model '{name}'; {hint}")
 
 
@@ -136,7 +140,7 @@ def _hf_model_config(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """(architecture, pretrained_cfg, model_args) of ``hf-hub:org/repo`` from its cached config.json."""
     from timm.models._hub import load_model_config_from_path
 
-    repo = name[len(HF_PREFIX):]
+    repo = name[len(HF_PREFIX) :]
     config = cached_hf_file(repo, ("config.json",))
     if config is None:
         raise EncoderError(
@@ -152,8 +156,10 @@ def _hf_model_config(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
 
 def _weights_hint(name: str, hub_id: str | None) -> str:
     cache = f", pre-fill the Hugging Face cache ({hf_cache_dir()}) with '{hub_id}'" if hub_id else ""
-    return (f"encoder '{name}' has no weights here: pass --weights PATH (a state dict file){cache}, or pass "
-            "--random-init for tests and demos (its features mean nothing). Nothing is downloaded at run time.")
+    return (
+        f"encoder '{name}' has no weights here: pass --weights PATH (a state dict file){cache}, or pass "
+        "--random-init for tests and demos (its features mean nothing). Nothing is downloaded at run time."
+    )
 
 
 def load_encoder(
@@ -178,7 +184,7 @@ def load_encoder(
     if name.startswith(HF_PREFIX):
         arch, cfg, model_args = _hf_model_config(name)
         kwargs = {**model_args, **kwargs}
-        hub_id: str | None = name[len(HF_PREFIX):]
+        hub_id: str | None = name[len(HF_PREFIX) :]
     else:
         arch = name
         if not timm.is_model(name):
@@ -223,8 +229,15 @@ def load_encoder(
     elif amp and dev.type == "mps":
         amp_dtype = torch.float16
     encoder = Encoder(
-        name=name, model=model, dim=0, mean=(mean[0], mean[1], mean[2]), std=(std[0], std[1], std[2]),
-        weights_sha256=sha, weights_source=source, random_init=weights_file is None, device=dev,
+        name=name,
+        model=model,
+        dim=0,
+        mean=(mean[0], mean[1], mean[2]),
+        std=(std[0], std[1], std[2]),
+        weights_sha256=sha,
+        weights_source=source,
+        random_init=weights_file is None,
+        device=dev,
         amp_dtype=amp_dtype,
     )
     try:
@@ -235,7 +248,9 @@ def load_encoder(
             "use its input size with --tile-px or a model that takes any size"
         ) from err
     if probe.ndim != 2:
-        raise EncoderError(f"encoder '{name}' returns shape {tuple(probe.shape)} per batch, not (batch, features)")
+        raise EncoderError(
+            f"encoder '{name}' returns shape {tuple(probe.shape)} per batch, not (batch, features)"
+        )
     encoder.dim = int(probe.shape[1])
     return encoder
 

@@ -41,7 +41,18 @@ from fedpath.common.manifest import SlideRecord, load_manifest, write_manifest
 from fedpath.common.units import Microns, MicronsPerPixel, TilePixels
 
 Status = Literal["done", "skipped", "no_tiles", "error"]
-REPORT_COLUMNS = ("slide_id", "status", "tiles", "seconds", "error", "slide", "features", "qc", "mpp", "mpp_source")
+REPORT_COLUMNS = (
+    "slide_id",
+    "status",
+    "tiles",
+    "seconds",
+    "error",
+    "slide",
+    "features",
+    "qc",
+    "mpp",
+    "mpp_source",
+)
 FOLDER_LABEL = "unknown"
 """Label of every slide found in a folder: the output manifest is valid, but labels must be filled in to train."""
 PIPELINE_VERSION = "tissue=saturation-v1;grid=nonoverlap-v1;resize=bilinear"
@@ -136,8 +147,11 @@ def jobs_from_folder(folder: Path) -> list[SlideJob]:
 def jobs_from_manifest(path: Path) -> list[SlideJob]:
     """One job per row of a cohort manifest with a `slide` column (ManifestError when invalid)."""
     manifest = load_manifest(path, require="slide", check_files=False)
-    return [SlideJob(slide_id=r.slide_id, path=r.slide, mpp=r.mpp, record=r) for r in manifest.slides
-            if r.slide is not None]
+    return [
+        SlideJob(slide_id=r.slide_id, path=r.slide, mpp=r.mpp, record=r)
+        for r in manifest.slides
+        if r.slide is not None
+    ]
 
 
 def find_jobs(source: Path) -> list[SlideJob]:
@@ -149,8 +163,10 @@ def find_jobs(source: Path) -> list[SlideJob]:
     for job in jobs:
         stem = file_stem(job.slide_id)
         if stem in seen:
-            raise ValueError(f"slides {seen[stem].path} and {job.path} would both write features/{stem}.h5; "
-                             "give them distinct slide ids in a manifest")
+            raise ValueError(
+                f"slides {seen[stem].path} and {job.path} would both write features/{stem}.h5; "
+                "give them distinct slide ids in a manifest"
+            )
         seen[stem] = job
     return jobs
 
@@ -161,9 +177,20 @@ def manifest_record(job: SlideJob, result: SlideResult) -> SlideRecord:
     if job.record is not None:
         return replace(job.record, features=result.features, slide=job.path, mpp=mpp)
     barcode = TCGA_BARCODE.match(job.slide_id)
-    patient, site = (barcode.group(1).upper(), barcode.group(2).upper()) if barcode else (job.slide_id, "site")
-    return SlideRecord(slide_id=job.slide_id, patient_id=patient, site=site, label=FOLDER_LABEL, label_index=0,
-                       features=result.features, slide=job.path, mpp=mpp, line=0)
+    patient, site = (
+        (barcode.group(1).upper(), barcode.group(2).upper()) if barcode else (job.slide_id, "site")
+    )
+    return SlideRecord(
+        slide_id=job.slide_id,
+        patient_id=patient,
+        site=site,
+        label=FOLDER_LABEL,
+        label_index=0,
+        features=result.features,
+        slide=job.path,
+        mpp=mpp,
+        line=0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -209,7 +236,9 @@ class TileDataset(Dataset[torch.Tensor]):
             self._slide = None
 
 
-def embed_tiles(path: Path, grid: TileGrid, encoder: Encoder, settings: ExtractSettings, label: str) -> np.ndarray:
+def embed_tiles(
+    path: Path, grid: TileGrid, encoder: Encoder, settings: ExtractSettings, label: str
+) -> np.ndarray:
     """Features (N, dim) float32 of the tiles of `grid` on the slide at `path`, in grid order."""
     dataset = TileDataset(path, grid)
     loader = DataLoader(
@@ -221,11 +250,12 @@ def embed_tiles(path: Path, grid: TileGrid, encoder: Encoder, settings: ExtractS
     )
     out = np.empty((len(grid), encoder.dim), dtype=np.float32)
     done = 0
-    with tqdm(total=len(grid), desc=label, unit="tile", leave=False, position=1,
-              disable=not settings.progress) as bar:
+    with tqdm(
+        total=len(grid), desc=label, unit="tile", leave=False, position=1, disable=not settings.progress
+    ) as bar:
         try:
             for batch in loader:
-                out[done:done + len(batch)] = encoder.embed(batch).numpy()
+                out[done : done + len(batch)] = encoder.embed(batch).numpy()
                 done += len(batch)
                 bar.update(len(batch))
         finally:
@@ -249,8 +279,12 @@ def draw_qc(thumb: Image.Image, tissue: TissueMask, grid: TileGrid, info: SlideI
     side = grid.size_level0
     for x, y in grid.coords_px:
         draw.rectangle((x * sx, y * sy, (x + side) * sx - 1, (y + side) * sy - 1), outline=(0, 60, 255))
-    draw.text((4, 4), f"{info.slide_id}: {len(grid)} tiles of {float(grid.tile_um):g} um, "
-              f"{info.mpp:.4g} um/px ({info.mpp_source})", fill=(0, 0, 0))
+    draw.text(
+        (4, 4),
+        f"{info.slide_id}: {len(grid)} tiles of {float(grid.tile_um):g} um, "
+        f"{info.mpp:.4g} um/px ({info.mpp_source})",
+        fill=(0, 0, 0),
+    )
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG", compress_level=1)
     return path
@@ -259,7 +293,9 @@ def draw_qc(thumb: Image.Image, tissue: TissueMask, grid: TileGrid, info: SlideI
 # ------------------------------------------------------------------------------------------------ one slide
 
 
-def settings_identity(encoder: Encoder, settings: ExtractSettings, info: SlideInfo) -> dict[str, str | float | int]:
+def settings_identity(
+    encoder: Encoder, settings: ExtractSettings, info: SlideInfo
+) -> dict[str, str | float | int]:
     """Everything that changes a slide's features; two runs with equal identities give the same file."""
     return {
         "encoder": encoder.name,
@@ -289,14 +325,18 @@ def _existing(path: Path, sha: str) -> tuple[bool, int] | None:
     return info.attrs.get("settings_sha256") == sha, info.n_tiles
 
 
-def extract_slide(job: SlideJob, encoder: Encoder, settings: ExtractSettings, layout: OutputLayout) -> SlideResult:
+def extract_slide(
+    job: SlideJob, encoder: Encoder, settings: ExtractSettings, layout: OutputLayout
+) -> SlideResult:
     """Extract one slide; every failure is returned as an `error` result naming the slide, never raised."""
     start = time.perf_counter()
     base = SlideResult(slide_id=job.slide_id, slide=job.path, status="error")
     slide: openslide.AbstractSlide | None = None
     try:
         slide = open_slide(job.path)
-        info = describe_slide(slide, job.slide_id, job.path, manifest_mpp=job.mpp, assume_mpp=settings.assume_mpp)
+        info = describe_slide(
+            slide, job.slide_id, job.path, manifest_mpp=job.mpp, assume_mpp=settings.assume_mpp
+        )
         base = replace(base, mpp=float(info.mpp), mpp_source=info.mpp_source)
         identity = settings_identity(encoder, settings, info)
         sha = identity_sha256(identity)
@@ -305,34 +345,72 @@ def extract_slide(job: SlideJob, encoder: Encoder, settings: ExtractSettings, la
         if existing is not None:
             same, n = existing
             if same:
-                return replace(base, status="skipped", tiles=n, features=out, qc=layout.qc(job.slide_id),
-                               seconds=time.perf_counter() - start)
-            return replace(base, seconds=time.perf_counter() - start, error=(
-                f"slide '{job.slide_id}': {out} exists with other extraction settings; pass --overwrite to "
-                "replace it, or choose another --out"))
+                return replace(
+                    base,
+                    status="skipped",
+                    tiles=n,
+                    features=out,
+                    qc=layout.qc(job.slide_id),
+                    seconds=time.perf_counter() - start,
+                )
+            return replace(
+                base,
+                seconds=time.perf_counter() - start,
+                error=(
+                    f"slide '{job.slide_id}': {out} exists with other extraction settings; pass --overwrite to "
+                    "replace it, or choose another --out"
+                ),
+            )
         thumb = thumbnail(slide, thumbnail_side(slide.dimensions, float(settings.tile_um / info.mpp)))
         tissue = detect_tissue(thumb, slide.dimensions)
-        grid = plan_tiles(info.width, info.height, info.mpp, info.level_downsamples, tissue,
-                          tile_um=settings.tile_um, tile_px=settings.tile_px, min_tissue=settings.min_tissue)
+        grid = plan_tiles(
+            info.width,
+            info.height,
+            info.mpp,
+            info.level_downsamples,
+            tissue,
+            tile_um=settings.tile_um,
+            tile_px=settings.tile_px,
+            min_tissue=settings.min_tissue,
+        )
         qc = draw_qc(thumb, tissue, grid, info, layout.qc(job.slide_id))
         if len(grid) == 0:
-            why = ("the slide is smaller than one tile" if min(info.width, info.height) < grid.size_level0
-                   else f"no tile has {settings.min_tissue:.0%} tissue (tissue covers {tissue.fraction:.1%})")
-            return replace(base, status="no_tiles", qc=qc, seconds=time.perf_counter() - start,
-                           error=f"slide '{job.slide_id}': no tiles: {why}; see {qc}")
+            why = (
+                "the slide is smaller than one tile"
+                if min(info.width, info.height) < grid.size_level0
+                else f"no tile has {settings.min_tissue:.0%} tissue (tissue covers {tissue.fraction:.1%})"
+            )
+            return replace(
+                base,
+                status="no_tiles",
+                qc=qc,
+                seconds=time.perf_counter() - start,
+                error=f"slide '{job.slide_id}': no tiles: {why}; see {qc}",
+            )
         features = embed_tiles(job.path, grid, encoder, settings, label=job.slide_id[:24])
         meta = FeatureMeta(
-            slide_id=job.slide_id, encoder=encoder.name, weights_sha256=encoder.weights_sha256,
-            tile_size_px=int(settings.tile_px), tile_size_um=float(settings.tile_um), slide_mpp=float(info.mpp),
-            mpp_source=info.mpp_source, random_init=encoder.random_init,
-            extra={"settings_sha256": sha, "settings": json.dumps(identity, sort_keys=True),
-                   "weights_source": encoder.weights_source, "read_level": grid.read_level,
-                   "tile_size_level0_px": float(grid.size_level0), "slide_width_px": int(info.width),
-                   "slide_height_px": int(info.height)},
+            slide_id=job.slide_id,
+            encoder=encoder.name,
+            weights_sha256=encoder.weights_sha256,
+            tile_size_px=int(settings.tile_px),
+            tile_size_um=float(settings.tile_um),
+            slide_mpp=float(info.mpp),
+            mpp_source=info.mpp_source,
+            random_init=encoder.random_init,
+            extra={
+                "settings_sha256": sha,
+                "settings": json.dumps(identity, sort_keys=True),
+                "weights_source": encoder.weights_source,
+                "read_level": grid.read_level,
+                "tile_size_level0_px": float(grid.size_level0),
+                "slide_width_px": int(info.width),
+                "slide_height_px": int(info.height),
+            },
         )
         write_features(out, features, grid.coords_px, meta, dtype=settings.dtype)
-        return replace(base, status="done", tiles=len(grid), features=out, qc=qc,
-                       seconds=time.perf_counter() - start)
+        return replace(
+            base, status="done", tiles=len(grid), features=out, qc=qc, seconds=time.perf_counter() - start
+        )
     except Exception as err:  # recorded in the report; the cohort goes on
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
         if "Traceback" in str(err):  # raised in a DataLoader worker: the last line is the original error
@@ -365,9 +443,20 @@ def write_report(path: Path, results: Sequence[SlideResult]) -> None:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(REPORT_COLUMNS)
     for r in results:
-        writer.writerow([r.slide_id, r.status, r.tiles, f"{r.seconds:.2f}", r.error, _relative(r.slide, path.parent),
-                         _relative(r.features, path.parent), _relative(r.qc, path.parent),
-                         "" if r.mpp is None else f"{r.mpp:.6g}", r.mpp_source])
+        writer.writerow(
+            [
+                r.slide_id,
+                r.status,
+                r.tiles,
+                f"{r.seconds:.2f}",
+                r.error,
+                _relative(r.slide, path.parent),
+                _relative(r.features, path.parent),
+                _relative(r.qc, path.parent),
+                "" if r.mpp is None else f"{r.mpp:.6g}",
+                r.mpp_source,
+            ]
+        )
     write_text_atomic(path, buf.getvalue())
 
 
@@ -381,8 +470,9 @@ class CohortResult:
         return sum(r.status == status for r in self.results)
 
 
-def extract_cohort(jobs: Sequence[SlideJob], encoder: Encoder, settings: ExtractSettings,
-                   out_dir: Path) -> CohortResult:
+def extract_cohort(
+    jobs: Sequence[SlideJob], encoder: Encoder, settings: ExtractSettings, out_dir: Path
+) -> CohortResult:
     """Extract every job in order; report and manifest are rewritten after each slide."""
     layout = OutputLayout(Path(out_dir))
     layout.root.mkdir(parents=True, exist_ok=True)

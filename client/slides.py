@@ -75,17 +75,24 @@ def open_slide(path: str | os.PathLike[str]) -> openslide.AbstractSlide:
             slide.read_region((0, 0), 0, (1, 1))  # PIL opens lazily: decode now so a broken file fails here
             return slide
     except Exception as err:  # OpenSlideError, PIL's UnidentifiedImageError, OSError on truncated files
-        raise SlideError(f"{p}: cannot open the slide ({type(err).__name__}: {err}); is the file complete?") from err
-    raise SlideError(f"{p}: OpenSlide does not recognise this file as a {p.suffix} slide; it may be truncated or "
-                     "corrupt (compare its size and checksum with the scanner's copy)")
+        raise SlideError(
+            f"{p}: cannot open the slide ({type(err).__name__}: {err}); is the file complete?"
+        ) from err
+    raise SlideError(
+        f"{p}: OpenSlide does not recognise this file as a {p.suffix} slide; it may be truncated or "
+        "corrupt (compare its size and checksum with the scanner's copy)"
+    )
 
 
 def slide_mpp(slide: openslide.AbstractSlide) -> MicronsPerPixel | None:
     """The level-0 MPP from the slide's metadata (mean of x and y), or None when absent or implausible."""
     props = slide.properties
     try:
-        values = [float(props[k]) for k in (openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y)
-                  if k in props]
+        values = [
+            float(props[k])
+            for k in (openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y)
+            if k in props
+        ]
     except ValueError:
         return None
     if not values:
@@ -113,8 +120,11 @@ def resolve_mpp(
     if assume_mpp is not None:
         return MicronsPerPixel(assume_mpp), "assumed"
     raw = slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
-    why = (f"its metadata gives an implausible {float(raw):.4g} µm/px (a 72 dpi TIFF default?)" if raw
-           else "its metadata has no MPP (µm per pixel)")
+    why = (
+        f"its metadata gives an implausible {float(raw):.4g} µm/px (a 72 dpi TIFF default?)"
+        if raw
+        else "its metadata has no MPP (µm per pixel)"
+    )
     raise MissingMPPError(
         f"slide '{slide_id}' ({path}): {why}, so tiles of a physical size cannot be cut. Either pass "
         "--assume-mpp X (µm/px at level 0 for every slide without one, e.g. 0.5 for a 20x scan, 0.25 for 40x) "

@@ -81,8 +81,10 @@ def plan_tiles(
     """The grid of `tile_um`-µm tiles inside a `width` × `height` level-0 px slide with ≥ `min_tissue` tissue."""
     size_level0 = tile_um / mpp
     if size_level0 < 1:
-        raise ValueError(f"a {tile_um} µm tile is {size_level0:.3g} level-0 px at {mpp} µm/px: below one pixel; "
-                         "check the slide's MPP")
+        raise ValueError(
+            f"a {tile_um} µm tile is {size_level0:.3g} level-0 px at {mpp} µm/px: below one pixel; "
+            "check the slide's MPP"
+        )
     xs, ys = grid_positions(width, size_level0), grid_positions(height, size_level0)
     gx, gy = np.meshgrid(xs, ys)
     coords = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.int64).reshape(-1, 2)

@@ -58,8 +58,9 @@ def encoder() -> Encoder:
 
 
 def settings(**changes: object) -> ExtractSettings:
-    base = ExtractSettings(tile_um=TILE_UM, tile_px=TILE_PX, min_tissue=MIN_TISSUE, batch_size=16, workers=0,
-                           progress=False)
+    base = ExtractSettings(
+        tile_um=TILE_UM, tile_px=TILE_PX, min_tissue=MIN_TISSUE, batch_size=16, workers=0, progress=False
+    )
     return replace(base, **changes)
 
 
@@ -110,9 +111,29 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliRun]:
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
         for name, value in ENV_SET_BY_THE_CLI.items():  # restored when the run is over
             mp.setenv(name, value)
-        code = fedpath_main(["extract", str(folder), "--out", str(out), "--encoder", "resnet18", "--random-init",
-                             "--tile-px", str(TILE_PX), "--tile-um", str(TILE_UM), "--min-tissue", str(MIN_TISSUE),
-                             "--assume-mpp", str(ASSUMED_MPP), "--batch-size", "16", "--workers", "1"])
+        code = fedpath_main(
+            [
+                "extract",
+                str(folder),
+                "--out",
+                str(out),
+                "--encoder",
+                "resnet18",
+                "--random-init",
+                "--tile-px",
+                str(TILE_PX),
+                "--tile-um",
+                str(TILE_UM),
+                "--min-tissue",
+                str(MIN_TISSUE),
+                "--assume-mpp",
+                str(ASSUMED_MPP),
+                "--batch-size",
+                "16",
+                "--workers",
+                "1",
+            ]
+        )
     yield CliRun(out=out, code=code, stdout=stdout.getvalue())
 
 
@@ -124,8 +145,10 @@ def test_cli_extracts_real_slides_and_says_where_outputs_went(cli_run: CliRun) -
     assert f"report: {cli_run.out / 'extraction_report.csv'}" in cli_run.stdout
     assert f"manifest: {cli_run.out / 'manifest.csv'}" in cli_run.stdout
     rows = report_rows(cli_run.out / "extraction_report.csv")
-    assert {k: r["status"] for k, r in rows.items()} == {"CMU-1-Small-Region": "done",
-                                                        "tcga-cr-7395-01a-01-ts1": "done"}
+    assert {k: r["status"] for k, r in rows.items()} == {
+        "CMU-1-Small-Region": "done",
+        "tcga-cr-7395-01a-01-ts1": "done",
+    }
     assert rows["CMU-1-Small-Region"]["mpp_source"] == "slide"
     assert rows["tcga-cr-7395-01a-01-ts1"]["mpp_source"] == "assumed"
     assert all(float(r["seconds"]) > 0 and r["error"] == "" for r in rows.values())
@@ -146,7 +169,9 @@ def test_features_are_finite_with_coordinates_inside_the_slide(
     size0 = TILE_UM / mpp
     assert tf.coords_px is not None and tf.coords_um is not None
     assert (tf.coords_px >= 0).all()
-    assert (tf.coords_px[:, 0] + size0 <= width + 1).all() and (tf.coords_px[:, 1] + size0 <= height + 1).all()
+    assert (tf.coords_px[:, 0] + size0 <= width + 1).all() and (
+        tf.coords_px[:, 1] + size0 <= height + 1
+    ).all()
     np.testing.assert_allclose(tf.coords_um, tf.coords_px * mpp, rtol=1e-3)
     attrs = tf.info.attrs
     assert attrs["random_init"] and attrs["encoder"] == "resnet18" and attrs["mpp_source"] == source
@@ -171,7 +196,7 @@ def test_tile_count_matches_the_tissue_mask(cli_run: CliRun, slide: Path) -> Non
     for row in range(int(height // size0)):
         for col in range(int(width // size0)):
             x, y = int(col * size0), int(row * size0)
-            cell = tissue.mask[int(y / dy):int((y + size0) / dy), int(x / dx):int((x + size0) / dx)]
+            cell = tissue.mask[int(y / dy) : int((y + size0) / dy), int(x / dx) : int((x + size0) / dx)]
             fraction = cell.mean()
             if fraction >= MIN_TISSUE + 0.05:
                 clearly_in.add((x, y))
@@ -230,8 +255,11 @@ def test_mpp_from_manifest_column_wins(tmp_path: Path, encoder: Encoder) -> None
 
 
 def test_implausible_tiff_resolution_counts_as_missing(tmp_path: Path, encoder: Encoder) -> None:
-    results = by_id(extract_cohort(find_jobs(slide_folder(tmp_path, BOXES)), encoder, settings(),
-                                   tmp_path / "out").results)
+    results = by_id(
+        extract_cohort(
+            find_jobs(slide_folder(tmp_path, BOXES)), encoder, settings(), tmp_path / "out"
+        ).results
+    )
     assert results["openslide-python_boxes"].status == "error"
     assert "implausible 352.8" in results["openslide-python_boxes"].error
 
@@ -288,7 +316,9 @@ def test_resume_skips_finished_slides_and_overwrite_redoes_them(tmp_path: Path, 
     assert changed.status == "error" and "--overwrite" in changed.error
     assert first.features.stat().st_mtime_ns == stamp
 
-    redone = extract_cohort(find_jobs(folder), encoder, settings(min_tissue=0.9, overwrite=True), out).results[0]
+    redone = extract_cohort(
+        find_jobs(folder), encoder, settings(min_tissue=0.9, overwrite=True), out
+    ).results[0]
     assert redone.status == "done" and redone.tiles < first.tiles
     assert read_features(first.features).info.n_tiles == redone.tiles
 
@@ -318,7 +348,9 @@ def test_ctrl_c_leaves_no_half_written_file(tmp_path: Path, encoder: Encoder) ->
 def test_tiny_slide_and_blank_image_give_no_tiles(tmp_path: Path, encoder: Encoder) -> None:
     folder = slide_folder(tmp_path, TINY)
     Image.new("RGB", (1200, 900), (245, 245, 242)).save(folder / "blank_glass.png")
-    cohort = extract_cohort(find_jobs(folder), encoder, settings(assume_mpp=MicronsPerPixel(0.5)), tmp_path / "out")
+    cohort = extract_cohort(
+        find_jobs(folder), encoder, settings(assume_mpp=MicronsPerPixel(0.5)), tmp_path / "out"
+    )
     results = by_id(cohort.results)
     assert results["openslide-python_small"].status == "no_tiles"
     assert "smaller than one tile" in results["openslide-python_small"].error
@@ -357,8 +389,16 @@ def test_tissue_mask_finds_a_stained_disc() -> None:
     tissue = detect_tissue(Image.fromarray(rgb), (size * 4, size * 4))
     assert tissue.downsample == (4.0, 4.0)
     assert abs(tissue.fraction - disc.mean()) < 0.01
-    grid = plan_tiles(SlidePixels(size * 4), SlidePixels(size * 4), MicronsPerPixel(1.0), (1.0,), tissue,
-                      tile_um=Microns(400.0), tile_px=TilePixels(224), min_tissue=0.5)
+    grid = plan_tiles(
+        SlidePixels(size * 4),
+        SlidePixels(size * 4),
+        MicronsPerPixel(1.0),
+        (1.0,),
+        tissue,
+        tile_um=Microns(400.0),
+        tile_px=TilePixels(224),
+        min_tissue=0.5,
+    )
     assert len(grid) == 4  # the four central cells of the 4x4 grid of 400 px tiles
 
 
@@ -375,8 +415,9 @@ def test_no_weights_and_no_network_is_a_clear_error(tmp_path: Path, monkeypatch:
         load_encoder("resnet18", tile_px=TILE_PX, weights=CMU, random_init=True)
 
 
-def test_cli_fails_at_once_without_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_fails_at_once_without_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     for name, value in ENV_SET_BY_THE_CLI.items():
         monkeypatch.setenv(name, value)
@@ -395,7 +436,9 @@ def _save_resnet18_checkpoint(path: Path, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def test_weights_from_file_and_from_an_offline_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weights_from_file_and_from_an_offline_hf_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     weights = tmp_path / "resnet18.safetensors"
     state = _save_resnet18_checkpoint(weights, seed=7)
     from_file = load_encoder("resnet18", tile_px=TILE_PX, weights=weights, device="cpu")
