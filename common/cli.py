@@ -30,6 +30,15 @@ class Command:
     description: str | None = None
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default only when it says something (not None, False or an empty string)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, "") or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def discover_commands() -> list[Command]:
     commands = []
     for ep in entry_points(group="fedpath.commands"):
@@ -53,7 +62,7 @@ def build_parser(commands: Sequence[Command]) -> argparse.ArgumentParser:
             command.name,
             help=command.help,
             description=command.description or command.help,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_HelpFormatter,
         )
         command.add_arguments(p)
         p.set_defaults(_run=command.run)
