@@ -1,0 +1,133 @@
+"""Which site this node is, and its bags: resolved from the node config (deployment) or the partition id
+(simulation).
+
+Deployment: the site's own `flower-supernode --node-config 'manifest="/data/cohort.csv" site="H1"'` names
+the manifest and the site (``site`` may be left out when the manifest holds one site). The manifest path
+is never taken from the run config here: the coordinator must not choose which files a hospital reads.
+
+Simulation: Flower's engine gives each node only ``partition-id`` and ``num-partitions``; node k plays the
+k-th site (in order of first appearance) of the run config's ``manifest``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedpath.common.bags import Bag, bags_from_manifest
+from fedpath.common.features import inspect_features
+from fedpath.common.manifest import Manifest, load_manifest, split_patients
+from fedpath.common.runconfig import RunConfig
+
+
+class SiteConfigError(ValueError):
+    """Node or run config that does not identify a usable site; the message says what to set."""
+
+
+@dataclass(frozen=True)
+class SiteRef:
+    """A manifest file and the name of one of its sites."""
+
+    manifest: Path
+    site: str
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One site's patient-level bags: training and validation (test patients are never touched here)."""
+
+    name: str
+    train: list[Bag]
+    val: list[Bag]
+    slides_train: int
+    in_dim: int
+    num_classes: int
+
+
+def resolve_site(node_config: Mapping[str, object], run: RunConfig) -> SiteRef:
+    """The manifest and site this node plays (see the module docstring)."""
+    if "manifest" in node_config:
+        manifest = Path(str(node_config["manifest"])).expanduser()
+        site = str(node_config.get("site", ""))
+        if not site:
+            sites = load_manifest(manifest, check_files=False).sites
+            if len(sites) != 1:
+                raise SiteConfigError(
+                    f"{manifest} holds sites {', '.join(sites)}: name this node's site with "
+                    '--node-config \'manifest="..." site="NAME"\''
+                )
+            site = sites[0]
+        return SiteRef(manifest, site)
+    if "partition-id" in node_config:
+        if not run.manifest:
+            raise SiteConfigError(
+                "simulation node without a manifest: set run config 'manifest' to the cohort manifest "
+                "(`fedpath simulate --manifest` does this)"
+            )
+        sites = load_manifest(run.manifest, check_files=False).sites
+        pid = int(node_config["partition-id"])  # type: ignore[call-overload]
+        partitions = int(node_config.get("num-partitions", len(sites)))  # type: ignore[call-overload]
+        if partitions != len(sites) or not 0 <= pid < len(sites):
+            raise SiteConfigError(
+                f"the simulation has {partitions} nodes but {run.manifest} has {len(sites)} sites "
+                f"({', '.join(sites)}); run it with num-supernodes={len(sites)}"
+            )
+        return SiteRef(Path(run.manifest), sites[pid])
+    raise SiteConfigError(
+        "this node has no site settings: start it with `fedpath site start --manifest M --site S` or "
+        'flower-supernode --node-config \'manifest="/path/manifest.csv" site="NAME"\''
+    )
+
+
+def load_site(ref: SiteRef, run: RunConfig) -> SiteData:
+    """Load the site's manifest rows, split its patients as every engine does, and build bags.
+
+    The split is `split_patients` over the whole manifest, so a simulated site and the baselines built
+    from the same manifest see identical training, validation and test patients.
+    """
+    return _load_site(ref.manifest.resolve(), ref.site, run.val_fraction, run.test_fraction, run.split_seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_site(manifest_path: Path, site: str, val: float, test: float, seed: int) -> SiteData:
+    # Cached: a simulation actor plays the same site in every round; the bags hold paths, not features.
+    manifest = load_manifest(manifest_path)
+    if site not in manifest.sites:
+        raise SiteConfigError(f"{manifest_path}: no site '{site}'; its sites are {', '.join(manifest.sites)}")
+    split = split_patients(manifest, val=val, test=test, seed=seed)[site]
+    train_manifest = manifest.for_patients(split.train)
+    train = bags_from_manifest(train_manifest)
+    val_bags = bags_from_manifest(manifest.for_patients(split.val))
+    if not train:
+        raise SiteConfigError(f"site '{site}' in {manifest_path} has no training patients")
+    return SiteData(
+        name=site,
+        train=train,
+        val=val_bags,
+        slides_train=len(train_manifest.slides),
+        in_dim=_feature_dim(manifest),
+        num_classes=manifest.num_classes,
+    )
+
+
+def _feature_dim(manifest: Manifest) -> int:
+    first = manifest.slides[0].features
+    if first is None:
+        raise SiteConfigError(f"{manifest.path}: slide '{manifest.slides[0].slide_id}' has no features path")
+    return inspect_features(first).dim
+
+
+def check_compatible(site: SiteData, run: RunConfig) -> None:
+    """The site's data must fit the run's model: same feature dimension and number of classes."""
+    if site.in_dim != run.in_dim:
+        raise SiteConfigError(
+            f"site '{site.name}' has {site.in_dim}-dimensional features but the run's model expects "
+            f"in-dim={run.in_dim}: extract with the federation's encoder or fix the run config"
+        )
+    if site.num_classes != run.num_classes:
+        raise SiteConfigError(
+            f"site '{site.name}' has {site.num_classes} label classes but the run expects "
+            f"num-classes={run.num_classes}"
+        )

@@ -1,0 +1,113 @@
+"""`fedpath site start`: connect this hospital to a federation (Flower's `flower-supernode`, fedpath defaults).
+
+Before connecting, the site's manifest and feature files are checked here, so a wrong path or site name is
+reported at once instead of as a failed round on the coordinator. The node then runs in the foreground
+until stopped (Ctrl-C). Equivalent native command (printed at start)::
+
+    flower-supernode --superlink HOST:PORT --insecure|--root-certificates ca.crt --port 9094 \\
+        --node-config 'manifest="/abs/manifest.csv" site="H1"'
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from fedpath.common.cli import Command, UserError
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    start = sub.add_parser(
+        "start",
+        help="check the site's data, then run a Flower SuperNode for it",
+        description="Check the site's manifest and feature files, then run `flower-supernode` with the site's "
+        "settings in its node config. Patient data never leaves this machine: only weights and aggregate "
+        "metrics are sent.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    start.add_argument("--superlink", required=True, help="coordinator's SuperLink address HOST:PORT")
+    start.add_argument("--manifest", required=True, type=Path, help="this site's cohort manifest (CSV)")
+    start.add_argument("--site", default="", help="site name in the manifest (needed if it holds several)")
+    tls = start.add_mutually_exclusive_group(required=True)
+    tls.add_argument("--root-certificates", type=Path, help="CA certificate that signed the SuperLink's")
+    tls.add_argument("--insecure", action="store_true", help="plain text, no TLS (tests on one machine only)")
+    start.add_argument("--port", type=int, default=9094, help="local port of the node's runtime API")
+    start.add_argument("--auth-key", type=Path, help="private key registered with the federation (site auth)")
+    start.add_argument(
+        "--flwr-home", type=Path, help="Flower's folder for installed apps (default: $FLWR_HOME)"
+    )
+
+
+def supernode_command(args: argparse.Namespace, manifest: Path, site: str) -> list[str]:
+    exe = Path(sys.executable).parent / "flower-supernode"
+    cmd = [
+        str(exe) if exe.exists() else "flower-supernode",
+        "--superlink",
+        args.superlink,
+        "--port",
+        str(args.port),
+    ]
+    cmd += ["--insecure"] if args.insecure else ["--root-certificates", str(args.root_certificates)]
+    if args.auth_key:
+        cmd += ["--auth-supernode-private-key", str(args.auth_key)]
+    node_config = f"manifest={_toml_string(str(manifest))} site={_toml_string(site)}"
+    return [*cmd, "--node-config", node_config]
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fedpath.client.site import SiteConfigError, SiteRef, load_site
+    from fedpath.common.features import FeatureFileError
+    from fedpath.common.manifest import ManifestError, load_manifest
+    from fedpath.common.runconfig import RunConfig
+
+    manifest = args.manifest.resolve()
+    try:
+        sites = load_manifest(manifest).sites
+        site = args.site or (sites[0] if len(sites) == 1 else "")
+        if not site:
+            raise UserError(f"{manifest} holds sites {', '.join(sites)}: choose one with --site")
+        data = load_site(SiteRef(manifest, site), RunConfig())
+    except (ManifestError, SiteConfigError, FeatureFileError) as err:
+        raise UserError(str(err)) from err
+    if (
+        shutil.which("flower-supernode") is None
+        and not (Path(sys.executable).parent / "flower-supernode").exists()
+    ):
+        raise UserError("flower-supernode not found: install fedpath with its dependencies (flwr)")
+    print(
+        f"site {site}: {len(data.train)} training and {len(data.val)} validation patients, "
+        f"{data.in_dim}-dimensional features ({manifest})"
+    )
+    cmd = supernode_command(args, manifest, site)
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if args.flwr_home:
+        env["FLWR_HOME"] = str(args.flwr_home.resolve())
+    print("running:", shlex.join(cmd), flush=True)
+    process = subprocess.Popen(cmd, env=env)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait(30)
+        print(f"site {site}: node stopped")
+        return 130
+
+
+COMMAND = Command(
+    name="site",
+    help="run this hospital's node of a federation (wraps flower-supernode)",
+    description="Commands for a hospital taking part in a federation.",
+    add_arguments=_add_arguments,
+    run=_run,
+)

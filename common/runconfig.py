@@ -1,0 +1,92 @@
+"""The settings of one federated run, as both sides read them from Flower's run config.
+
+A run config is the flat key → value table of ``[tool.flwr.app.config]`` (keys with hyphens, as Flower
+writes them), possibly overridden with ``flwr run --run-config``. The coordinator (ServerApp) and every
+site (ClientApp) parse it into the same typed `RunConfig`, so both agree on the model architecture, the
+local training settings and the split; a misspelt or unknown key is an error, not a silently ignored one.
+
+Also here: the names of what travels in a training or evaluation reply, and the per-round, per-site seed
+that makes a federated run reproducible (and a resumed run equal to an uninterrupted one).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# Keys in a reply's MetricRecord. The strategy weights updates and metrics by WEIGHT_KEY.
+WEIGHT_KEY = "patients"
+# Key of the ConfigRecord in a reply that names the site (an aggregate fact, never patient data).
+SITE_RECORD = "site"
+SITE_NAME = "name"
+
+
+class RunConfigError(ValueError):
+    """A run config that cannot be used; the message names the key and what to do."""
+
+
+class RunConfig(BaseModel):
+    """Settings of one federated run. Field names use underscores; in Flower's run config, hyphens."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # federation (coordinator)
+    num_server_rounds: int = Field(3, ge=1, description="total federated rounds of the run")
+    proximal_mu: float = Field(0.01, ge=0, description="FedProx μ (0 = FedAvg)")
+    fraction_train: float = Field(1.0, gt=0, le=1, description="share of connected sites asked to train")
+    fraction_evaluate: float = Field(1.0, ge=0, le=1, description="share of sites asked to evaluate")
+    min_sites: int = Field(2, ge=1, description="sites needed to start a round and to aggregate it")
+    round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for the replies of one round")
+    run_dir: str = Field("", description="absolute folder for checkpoints, round log, model, model card")
+    resume: bool = Field(False, description="continue from the last checkpoint in run_dir")
+    # model (both sides must agree)
+    model: str = Field("abmil", description="MIL aggregator name (fedpath.common.mil)")
+    in_dim: int = Field(0, ge=0, description="tile feature dimension D (0 = not set)")
+    num_classes: int = Field(2, ge=2)
+    # local training (site)
+    local_epochs: int = Field(1, ge=1, description="local epochs per round")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(8, ge=1, description="bags per optimisation step")
+    max_tiles: int = Field(512, ge=0, description="random tiles per bag in training (0 = all)")
+    seed: int = Field(0, description="seed of the initial weights and of every site's local training")
+    # patient split (site), as fedpath.common.manifest.split_patients
+    val_fraction: float = Field(0.15, ge=0, lt=1)
+    test_fraction: float = Field(0.25, ge=0, lt=1)
+    split_seed: int = 0
+    # simulation only: the one manifest whose sites the simulated nodes play (partition id → site)
+    manifest: str = Field("", description="simulation only: manifest whose sites the nodes play")
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, object]) -> RunConfig:
+        """Parse Flower's run config (hyphenated keys)."""
+        values = {str(k).replace("-", "_"): v for k, v in run_config.items()}
+        try:
+            return cls.model_validate(values)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"'{'.'.join(str(x) for x in e['loc']).replace('_', '-')}': {e['msg']}" for e in err.errors()
+            )
+            raise RunConfigError(
+                f"invalid run config ({problems}); fix [tool.flwr.app.config] or the --run-config override"
+            ) from err
+
+    def to_flower(self) -> dict[str, bool | int | float | str]:
+        """The run config as Flower writes it (hyphenated keys), e.g. for ``[tool.flwr.app.config]``."""
+        return {k.replace("_", "-"): v for k, v in self.model_dump().items()}
+
+    def require_model_shape(self) -> None:
+        if self.in_dim <= 0:
+            raise RunConfigError(
+                "run config 'in-dim' is not set: pass the tile feature dimension of the cohort "
+                "(e.g. --run-config 'in-dim=1024'; `fedpath manifest check` and feature files show it)"
+            )
+
+
+def round_seed(seed: int, server_round: int, site: str) -> int:
+    """The seed of one site's local training in one round: a pure function of (seed, round, site name)."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, server_round, zlib.crc32(site.encode())])
+    return int(state.generate_state(1)[0])

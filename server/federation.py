@@ -1,0 +1,168 @@
+"""One federated run on the coordinator: start or resume, run the FedProx rounds, checkpoint and log every
+round, and finish with the final model and its model card. Called by the ServerApp with Flower's `Grid`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import flwr
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedpath.common.mil import create_mil
+from fedpath.common.runconfig import RunConfig, RunConfigError, round_seed
+from fedpath.common.version import fedpath_version
+from fedpath.server.runfolder import Checkpoint, RunFolder, RunFolderError, resume_conflicts
+from fedpath.server.strategy import GuardedFedProx
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run begins: the weights and the number of rounds already done."""
+
+    state_dict: dict[str, torch.Tensor]
+    done_rounds: int
+
+
+def run_folder(run: RunConfig) -> RunFolder:
+    if not run.run_dir or not Path(run.run_dir).is_absolute():
+        raise RunConfigError(
+            f"run config 'run-dir' must be an absolute folder (got {run.run_dir!r}): the ServerApp runs from "
+            "Flower's app cache, so a relative path would land there"
+        )
+    return RunFolder(Path(run.run_dir))
+
+
+def initial_weights(run: RunConfig) -> dict[str, torch.Tensor]:
+    """The round-0 global model, seeded by the run seed."""
+    torch.manual_seed(run.seed)
+    model = create_mil(run.model, in_dim=run.in_dim, num_classes=run.num_classes)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def plan_start(run: RunConfig, folder: RunFolder) -> Start:
+    """Fresh start, or the last checkpoint when resuming (its settings must match this run's)."""
+    latest = folder.latest_checkpoint()
+    if not run.resume:
+        if latest is not None:
+            raise RunFolderError(
+                f"{folder.root} already holds checkpoints up to round {latest.round}: resume the run "
+                "(--resume / run config resume=true) or choose another run folder"
+            )
+        return Start(initial_weights(run), 0)
+    if latest is None:
+        log(INFO, "resume: no checkpoint in %s; starting from round 1", folder.root)
+        return Start(initial_weights(run), 0)
+    conflicts = resume_conflicts(latest.config, run.model_dump())
+    if conflicts:
+        raise RunFolderError(
+            f"cannot resume {folder.root}: these settings differ from the checkpointed run: "
+            + "; ".join(conflicts)
+            + ". Resume with the original settings or start a new run folder"
+        )
+    if latest.round > run.num_server_rounds:
+        raise RunFolderError(
+            f"{folder.root} has a checkpoint after round {latest.round}, beyond num-server-rounds="
+            f"{run.num_server_rounds}; raise the number of rounds"
+        )
+    folder.truncate_rounds(latest.round)
+    log(INFO, "resume: round %d checkpoint of %s; %d round(s) to go", latest.round, folder.root,
+        run.num_server_rounds - latest.round)  # fmt: skip
+    return Start(latest.state_dict, latest.round)
+
+
+def run_federation(grid: Grid, run: RunConfig) -> RunFolder:
+    """Run (or resume) the federation described by `run` and write everything to its run folder."""
+    run.require_model_shape()
+    folder = run_folder(run)
+    folder.root.mkdir(parents=True, exist_ok=True)
+    start = plan_start(run, folder)
+    arrays = ArrayRecord(start.state_dict)
+    remaining = run.num_server_rounds - start.done_rounds
+    strategy = GuardedFedProx(
+        reference=arrays,
+        proximal_mu=run.proximal_mu,
+        min_sites=run.min_sites,
+        fraction_train=run.fraction_train,
+        fraction_evaluate=run.fraction_evaluate,
+        round_offset=start.done_rounds,
+    )
+    config = run.model_dump()
+    history: list[dict[str, Any]] = folder.read_rounds()
+
+    def after_round(server_round: int, global_arrays: ArrayRecord) -> MetricRecord | None:
+        # Flower calls this before round 1 (server_round 0) and after every round's evaluation.
+        if server_round == 0:
+            return None
+        record = strategy.current
+        r = strategy.true_round(server_round)
+        assert record is not None and record.round == r
+        trained = [s for s, e in record.sites.items() if e.status == "ok" and e.train]
+        seeds = {
+            "run": run.seed,
+            "split": run.split_seed,
+            "sites": {s: round_seed(run.seed, r, s) for s in trained},
+        }
+        folder.save_checkpoint(Checkpoint(r, global_arrays.to_torch_state_dict(), config, seeds))
+        line = record.as_log_line()
+        folder.append_round(line)
+        history.append(line)
+        log(INFO, "round %d/%d done in %.1f s: checkpoint and round log in %s", r, run.num_server_rounds,
+            line["seconds"], folder.root)  # fmt: skip
+        return None
+
+    started = time.perf_counter()
+    final_state = start.state_dict
+    if remaining > 0:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=remaining,
+            timeout=run.round_timeout,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=after_round,
+        )
+        if len(result.arrays) > 0:
+            final_state = result.arrays.to_torch_state_dict()
+    log(INFO, "federation finished in %.1f s", time.perf_counter() - started)
+    final = Checkpoint(run.num_server_rounds, final_state, config, {"run": run.seed, "split": run.split_seed})
+    folder.save_model(final)
+    folder.write_model_card(model_card(run, folder, history))
+    log(INFO, "final model: %s; model card: %s", folder.model, folder.card_md)
+    return folder
+
+
+def model_card(run: RunConfig, folder: RunFolder, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Config, sites, rounds and metrics of the run (from the whole round log, resumed parts included)."""
+    sites = sorted({s for line in history for s in line["sites"]})
+    last = history[-1] if history else {"sites": {}, "aggregate": {"evaluate": {}}}
+    rejected = [
+        {"round": line["round"], "site": s, "reason": e.get("reason", "")}
+        for line in history
+        for s, e in line["sites"].items()
+        if e["status"] != "ok"
+    ]
+    return {
+        "config": run.model_dump(),
+        "rounds": len(history),
+        "sites": sites,
+        "final_evaluation": {
+            "round": last.get("round"),
+            "sites": {s: e.get("evaluate", {}) for s, e in last["sites"].items()},
+            "aggregate": last["aggregate"].get("evaluate", {}),
+        },
+        "train_loss_by_round": [line["aggregate"]["train"].get("loss") for line in history],
+        "rejected": rejected,
+        "model_file": folder.model.name,
+        "round_log": folder.round_log.name,
+        "fedpath_version": fedpath_version(),
+        "flwr_version": flwr.__version__,
+    }

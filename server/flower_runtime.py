@@ -1,0 +1,341 @@
+"""Flower's runtime with fedpath's defaults: the app folder, the SuperLink process, `flwr run`, waiting.
+
+fedpath does not copy its code into the Flower App Bundle: the ServerApp and ClientApp are the installed
+`fedpath.server.app:app` and `fedpath.client.app:app` (every site installs fedpath, which also carries the
+feature extraction). The app folder that `flwr run` bundles is therefore only a ``pyproject.toml`` with the
+run config (plus, for tests, a small module), far below Flower's 10 MB FAB cap and free of any data.
+
+Defaults applied to every process started here: ``FLWR_HOME`` (Flower's app cache, connections and the
+local SuperLink's state) points where the caller says, runtime dependency installation is off (a site
+runs offline with the packages it has), and the update check is off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedpath.common.runconfig import RunConfig
+from fedpath.common.version import fedpath_version
+from fedpath.server.runfolder import RunFolder
+
+APP_NAME = "fedpath-federation"
+SERVERAPP = "fedpath.server.app:app"
+CLIENTAPP = "fedpath.client.app:app"
+CONNECTION = "fedpath"
+
+
+class FlowerRuntimeError(RuntimeError):
+    """A Flower process or command that failed; the message points to its log."""
+
+
+def executable(name: str) -> str:
+    """A Flower command from this Python environment (beside the interpreter), else from PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FlowerRuntimeError(
+            f"`{name}` not found: install fedpath's dependencies (flwr[simulation]) first"
+        )
+    return found
+
+
+def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: FLWR_HOME set, runtime dependency install and update check off,
+    and this environment's scripts first on PATH (the SuperLink starts `flower-superexec` by name)."""
+    env = dict(os.environ if base is None else base)
+    env["FLWR_HOME"] = str(flwr_home.resolve())
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def write_app(
+    app_dir: Path,
+    run: RunConfig,
+    *,
+    clientapp: str = CLIENTAPP,
+    serverapp: str = SERVERAPP,
+    extra_files: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a Flower app folder whose run config is `run` (a pyproject.toml and `extra_files`)."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    project = {
+        "project": {
+            "name": APP_NAME,
+            "version": fedpath_version().split("+")[0],
+            "description": "fedpath federated MIL training (FedProx); the code is the installed fedpath package",
+            "license": "Apache-2.0",
+            "dependencies": [f"fedpath=={fedpath_version()}"],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedpath",
+                    "components": {"serverapp": serverapp, "clientapp": clientapp},
+                    "config": run.to_flower(),
+                }
+            }
+        },
+    }
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(project), encoding="utf-8")
+    for name, text in (extra_files or {}).items():
+        (app_dir / name).write_text(text, encoding="utf-8")
+    return app_dir
+
+
+def write_connection(
+    flwr_home: Path, address: str, *, name: str = CONNECTION, root_certificates: Path | None = None
+) -> str:
+    """Add a SuperLink connection to $FLWR_HOME/config.toml (plain text unless root certificates are given)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    try:
+        import tomllib
+
+        data = tomllib.loads(path.read_text()) if path.exists() else {}
+    except ValueError as err:
+        raise FlowerRuntimeError(f"{path} is not valid TOML ({err}); fix or remove it") from err
+    conn: dict[str, object] = {"address": address}
+    if root_certificates is None:
+        conn["insecure"] = True
+    else:
+        conn["root-certificates"] = str(root_certificates.resolve())
+    data.setdefault("superlink", {})[name] = conn
+    path.write_text(tomli_w.dumps(data), encoding="utf-8")
+    return name
+
+
+MARKER = "FEDPATH_FLOWER_PROCESS"
+
+
+def _marked_pids(marker: str) -> list[int]:
+    """Processes whose environment carries MARKER=marker: the ones started here and all their descendants
+    (Flower detaches its SuperExec, ServerApp and simulation processes into new sessions, and Ray forks more,
+    so a process group does not reach them; an inherited environment variable does). Linux /proc only."""
+    needle = f"{MARKER}={marker}".encode()
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+    return [p for p in pids if p != os.getpid()]
+
+
+@dataclass
+class FlowerProcess:
+    """A Flower process started here (SuperLink or SuperNode) with everything it starts in turn."""
+
+    process: subprocess.Popen[bytes]
+    marker: str
+    log_file: Path
+    address: str = ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop the process and every descendant (ServerApp, SuperExec, ClientApps, simulation engine, Ray)."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout)
+        for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+            pids = _marked_pids(self.marker)
+            if self.process.poll() is None:
+                pids.append(self.process.pid)
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and _marked_pids(self.marker):
+                time.sleep(0.1)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
+
+
+def start_process(cmd: Sequence[str], flwr_home: Path, log_file: Path) -> FlowerProcess:
+    """Start a Flower command with `flower_env` and a marker that lets `stop` find all its descendants."""
+    marker = uuid.uuid4().hex
+    env = flower_env(flwr_home)
+    env[MARKER] = marker
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as out:
+        process = subprocess.Popen(
+            list(cmd), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return FlowerProcess(process, marker, log_file)
+
+
+def superlink_command(
+    *,
+    host: str,
+    port: int,
+    simulation: bool,
+    log_file: Path,
+    database: Path | None = None,
+    tls: Sequence[Path] | None = None,
+) -> list[str]:
+    """The `flower-superlink` command line with fedpath's defaults; `tls` = (ca.crt, server.pem, server.key)."""
+    cmd = [executable("flower-superlink"), "--host", host, "--port", str(port)]
+    cmd += ["--disable-runtime-dependency-installation", "--log-file", str(log_file)]
+    if tls:
+        ca, cert, key = tls
+        cmd += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+    else:
+        cmd.append("--insecure")
+    if simulation:
+        cmd.append("--simulation")
+    if database is not None:
+        cmd += ["--database", str(database)]
+    return cmd
+
+
+def wait_healthy(
+    address: str, process: subprocess.Popen[bytes], log_file: Path, timeout: float = 60.0
+) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise FlowerRuntimeError(
+                f"flower-superlink exited with code {process.returncode}; see {log_file}"
+            )
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://{address}/health", timeout=1.0).is_success:
+                return
+        time.sleep(0.2)
+    raise FlowerRuntimeError(
+        f"flower-superlink did not answer on {address} within {timeout:.0f} s; see {log_file}"
+    )
+
+
+def start_superlink(
+    flwr_home: Path, *, simulation: bool, host: str = "127.0.0.1", port: int | None = None,
+    database: Path | None = None,
+) -> FlowerProcess:  # fmt: skip
+    """Start a plain-text SuperLink on loopback (simulation engine or deployment) and wait until it answers."""
+    port = port or free_port(host)
+    log_file = flwr_home / "superlink.log"
+    cmd = superlink_command(host=host, port=port, simulation=simulation, log_file=log_file, database=database)
+    link = start_process(cmd, flwr_home, flwr_home / "superlink.out")
+    link.address = f"{host}:{port}"
+    try:
+        wait_healthy(link.address, link.process, link.log_file)
+    except BaseException:
+        link.stop()
+        raise
+    return link
+
+
+def submit_run(
+    app_dir: Path, flwr_home: Path, *, connection: str = CONNECTION, federation_config: str | None = None
+) -> int:
+    """`flwr run APP CONNECTION`; returns the run id."""
+    cmd = [executable("flwr"), "run", str(app_dir), connection, "--format", "json"]
+    if federation_config:
+        cmd += ["--federation-config", federation_config]
+    done = subprocess.run(cmd, env=flower_env(flwr_home), capture_output=True, text=True, check=False)
+    try:
+        reply = json.loads(done.stdout[done.stdout.index("{") :])
+        return int(reply["run-id"])
+    except (ValueError, KeyError, TypeError):
+        raise FlowerRuntimeError(
+            f"`flwr run` did not start the run (exit {done.returncode}):\n{done.stdout}\n{done.stderr}"
+        ) from None
+
+
+def run_status(run_id: int, flwr_home: Path, *, connection: str = CONNECTION) -> str:
+    """The run's status as `flwr ls` reports it, e.g. 'running', 'finished:completed', 'finished:failed'."""
+    cmd = [executable("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"]
+    done = subprocess.run(cmd, env=flower_env(flwr_home), capture_output=True, text=True, check=False)
+    try:
+        reply = json.loads(done.stdout[done.stdout.index("{") :])
+        return str(reply["runs"][0]["status"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise FlowerRuntimeError(
+            f"`flwr ls` failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}"
+        ) from None
+
+
+def run_logs(run_id: int, flwr_home: Path, *, connection: str = CONNECTION) -> str:
+    """The run's log (ServerApp output) as `flwr log --show` returns it."""
+    cmd = [executable("flwr"), "log", str(run_id), connection, "--show"]
+    done = subprocess.run(
+        cmd, env=flower_env(flwr_home), capture_output=True, text=True, check=False, timeout=120
+    )
+    return done.stdout + done.stderr
+
+
+def describe_round(line: dict[str, Any], total: int) -> str:
+    """One progress line: round, sites, train loss, validation AUROC, seconds, problems."""
+    agg = line["aggregate"]
+    bad = [f"{s} {e['status']}" for s, e in line["sites"].items() if e["status"] != "ok"]
+
+    def num(x: Any) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    text = (
+        f"round {line['round']}/{total}: {len(line['sites'])} sites, train loss {num(agg['train'].get('loss'))}, "
+        f"val AUROC {num(agg['evaluate'].get('auroc'))}, {line['seconds']:.1f} s"
+    )
+    return text + (f" ({', '.join(bad)})" if bad else "")
+
+
+def follow_run(
+    run_id: int,
+    flwr_home: Path,
+    folder: RunFolder,
+    total_rounds: int,
+    say: Callable[[str], None],
+    *,
+    started_at: float,
+    connection: str = CONNECTION,
+    timeout: float = 24 * 3600,
+) -> str:
+    """Print each round as its line appears in the run folder's round log; return the run's final status.
+
+    The round log is only visible where the ServerApp writes it (the SuperLink's machine); elsewhere only the
+    status is followed. `flwr ls` is a process that costs a core for ~2 s, so it is asked every 15 s, and
+    often only once the run has written its model card.
+    """
+    seen = len(folder.read_rounds())
+    deadline = time.monotonic() + timeout
+    last_check = time.monotonic()
+    status = "running"
+    while time.monotonic() < deadline:
+        lines = folder.read_rounds()
+        for line in lines[seen:]:
+            say(describe_round(line, total_rounds))
+        seen = max(seen, len(lines))
+        finishing = folder.card_json.exists() and folder.card_json.stat().st_mtime >= started_at
+        if finishing or time.monotonic() - last_check > 15:
+            status, last_check = run_status(run_id, flwr_home, connection=connection), time.monotonic()
+            if status.startswith("finished"):
+                return status
+        time.sleep(0.5)
+    raise FlowerRuntimeError(f"run {run_id} still '{status}' after {timeout:.0f} s")

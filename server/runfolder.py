@@ -1,0 +1,209 @@
+"""The coordinator's run folder: per-round checkpoints, the round log, the final model and its model card.
+
+Layout (all writes atomic, so a crash leaves the previous complete file, never a half-written one)::
+
+    RUN/checkpoints/round-0003.pt   global weights after round 3 + round, run config, seeds
+    RUN/rounds.jsonl                one JSON line per finished round (per-site and aggregate metrics,
+                                    seconds, bytes received)
+    RUN/model.pt                    final global model (same layout as a checkpoint)
+    RUN/model_card.md, .json        config, sites, rounds, metrics of the run
+
+A checkpoint is written before its round-log line; on resume the log is cut back to the checkpoint's round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedpath.common.atomic import atomic_path, write_text_atomic
+from fedpath.common.mil import create_mil
+
+CHECKPOINT_RE = re.compile(r"round-(\d{4,})\.pt$")
+# Run-config fields that must not change between a run and its resumption (they change what is computed).
+RESUME_INVARIANT = (
+    "proximal_mu",
+    "model",
+    "in_dim",
+    "num_classes",
+    "local_epochs",
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "max_tiles",
+    "seed",
+    "val_fraction",
+    "test_fraction",
+    "split_seed",
+    "manifest",
+)
+
+
+class RunFolderError(RuntimeError):
+    """A run folder that cannot be used as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Global weights after `round` (0 = the initial weights), with the run config and seeds."""
+
+    round: int
+    state_dict: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    seeds: dict[str, Any]
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/Inf → None, recursively, so that every line of the round log is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+class RunFolder:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.checkpoints = root / "checkpoints"
+        self.round_log = root / "rounds.jsonl"
+        self.model = root / "model.pt"
+        self.card_md = root / "model_card.md"
+        self.card_json = root / "model_card.json"
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def checkpoint_path(self, server_round: int) -> Path:
+        return self.checkpoints / f"round-{server_round:04d}.pt"
+
+    def checkpoint_rounds(self) -> list[int]:
+        if not self.checkpoints.is_dir():
+            return []
+        found = (CHECKPOINT_RE.search(p.name) for p in self.checkpoints.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def save_checkpoint(self, ckpt: Checkpoint) -> Path:
+        path = self.checkpoint_path(ckpt.round)
+        _save(path, ckpt)
+        return path
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        rounds = self.checkpoint_rounds()
+        return load_checkpoint(self.checkpoint_path(rounds[-1])) if rounds else None
+
+    # ------------------------------------------------------------------------------------ round log
+    def append_round(self, record: dict[str, Any]) -> None:
+        """Add one round's line (the whole log is rewritten atomically; it is small)."""
+        lines = self.round_log.read_text().splitlines() if self.round_log.exists() else []
+        lines.append(json.dumps(json_safe(record), sort_keys=True))
+        write_text_atomic(self.round_log, "\n".join(lines) + "\n")
+
+    def read_rounds(self) -> list[dict[str, Any]]:
+        if not self.round_log.exists():
+            return []
+        return [json.loads(line) for line in self.round_log.read_text().splitlines() if line.strip()]
+
+    def truncate_rounds(self, last_round: int) -> None:
+        """Drop log lines of rounds after `last_round` (written after the last checkpoint of a crashed run)."""
+        if not self.round_log.exists():
+            return
+        kept = [r for r in self.read_rounds() if int(r["round"]) <= last_round]
+        write_text_atomic(self.round_log, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+    # ------------------------------------------------------------------------------------ final outputs
+    def save_model(self, ckpt: Checkpoint) -> Path:
+        _save(self.model, ckpt)
+        return self.model
+
+    def write_model_card(self, card: dict[str, Any]) -> None:
+        write_text_atomic(self.card_json, json.dumps(json_safe(card), indent=2, sort_keys=True) + "\n")
+        write_text_atomic(self.card_md, render_model_card(json_safe(card)))
+
+
+def _save(path: Path, ckpt: Checkpoint) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(
+            {
+                "round": ckpt.round,
+                "state_dict": {k: v.detach().cpu() for k, v in ckpt.state_dict.items()},
+                "config": ckpt.config,
+                "seeds": ckpt.seeds,
+            },
+            tmp,
+        )
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint or final model file (tensors and plain values only: no code is unpickled)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RunFolderError(
+            f"cannot read checkpoint {path} ({err}); delete it to resume from the one before"
+        ) from err
+    return Checkpoint(int(data["round"]), data["state_dict"], dict(data["config"]), dict(data["seeds"]))
+
+
+def load_model(path: Path) -> tuple[nn.Module, Checkpoint]:
+    """The MIL model of a checkpoint or final model file, built from its run config, in eval mode."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt.config
+    model = create_mil(cfg["model"], in_dim=int(cfg["in_dim"]), num_classes=int(cfg["num_classes"]))
+    model.load_state_dict(ckpt.state_dict, strict=True)
+    return model.eval(), ckpt
+
+
+def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Settings that differ between a checkpoint's run config and the resuming run's."""
+    return [
+        f"{k}: {saved.get(k)!r} → {current.get(k)!r}"
+        for k in RESUME_INVARIANT
+        if saved.get(k) != current.get(k)
+    ]
+
+
+def render_model_card(card: dict[str, Any]) -> str:
+    """A short human-readable model card (Markdown) from the card dictionary."""
+    cfg = card["config"]
+    lines = [
+        f"# Model card: {cfg['model']} trained with FedProx (μ = {cfg['proximal_mu']})",
+        "",
+        f"- rounds: {card['rounds']} of {cfg['num_server_rounds']}, {cfg['local_epochs']} local epoch(s) each",
+        f"- model: `{cfg['model']}`, in_dim {cfg['in_dim']}, {cfg['num_classes']} classes",
+        f"- sites that took part: {', '.join(card['sites']) or 'none'}",
+        f"- seeds: run {cfg['seed']}, split {cfg['split_seed']}",
+        f"- weights: `{card['model_file']}`; round log: `{card['round_log']}`",
+        f"- fedpath {card['fedpath_version']}, Flower {card['flwr_version']}",
+        "",
+        "## Validation metrics of the final global model (each site's validation patients)",
+        "",
+        "| site | patients | AUROC | balanced accuracy | loss |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+
+    def fmt(x: Any) -> str:
+        return "n/a" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+    for site, m in sorted(card["final_evaluation"]["sites"].items()):
+        lines.append(
+            f"| {site} | {fmt(m.get('patients'))} | {fmt(m.get('auroc'))} | "
+            f"{fmt(m.get('balanced_accuracy'))} | {fmt(m.get('loss'))} |"
+        )
+    agg = card["final_evaluation"]["aggregate"]
+    lines.append(
+        f"| **weighted mean** | | {fmt(agg.get('auroc'))} | {fmt(agg.get('balanced_accuracy'))} | "
+        f"{fmt(agg.get('loss'))} |"
+    )
+    if card.get("rejected"):
+        lines += ["", "## Rejected or failed updates", ""]
+        lines += [f"- round {r['round']}, site {r['site']}: {r['reason']}" for r in card["rejected"]]
+    lines += ["", "## Run config", "", "```json", json.dumps(cfg, indent=2, sort_keys=True), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,214 @@
+"""`fedpath server start` (the coordinator's SuperLink) and `fedpath run` (submit a FedProx run to it).
+
+Both wrap Flower's own commands with fedpath's defaults; the native equivalents are printed and documented:
+
+    flower-superlink --host 0.0.0.0 --port 8000 --disable-runtime-dependency-installation \\
+        --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key --database state.db
+    flwr run APP_DIR CONNECTION   (APP_DIR: a pyproject.toml whose [tool.flwr.app.config] is the run config)
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+from fedpath.common.cli import Command, UserError
+
+
+def _add_server_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    start = sub.add_parser(
+        "start",
+        help="run the coordinator's SuperLink (wraps flower-superlink)",
+        description="Run Flower's SuperLink in the foreground with fedpath's defaults: runtime dependency "
+        "installation off, a state database so runs and registrations survive a restart, and TLS unless "
+        "--insecure.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    start.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for real sites)")
+    start.add_argument("--port", type=int, default=8000, help="port of the Fleet, Control and Runtime APIs")
+    start.add_argument("--database", type=Path, help="SuperLink state file (default: none, state in memory)")
+    tls = start.add_mutually_exclusive_group(required=True)
+    tls.add_argument(
+        "--tls", nargs=3, type=Path, metavar=("CA_CRT", "SERVER_PEM", "SERVER_KEY"), help="TLS files"
+    )
+    tls.add_argument("--insecure", action="store_true", help="plain text, no TLS (tests on one machine only)")
+    start.add_argument(
+        "--flwr-home", type=Path, help="Flower's folder for apps and logs (default: $FLWR_HOME)"
+    )
+
+
+def _run_server(args: argparse.Namespace) -> int:
+    import os
+
+    from fedpath.server.flower_runtime import flower_env, superlink_command
+
+    home = (args.flwr_home or Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))).resolve()
+    log_file = home / "superlink.log"
+    cmd = superlink_command(
+        host=args.host,
+        port=args.port,
+        simulation=False,
+        log_file=log_file,
+        database=args.database.resolve() if args.database else None,
+        tls=[p.resolve() for p in args.tls] if args.tls else None,
+    )
+    home.mkdir(parents=True, exist_ok=True)
+    print("running:", shlex.join(cmd), flush=True)
+    print(f"SuperLink on {args.host}:{args.port}; log in {log_file}; stop with Ctrl-C", flush=True)
+    process = subprocess.Popen(cmd, env=flower_env(home))
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait(30)
+        print("SuperLink stopped")
+        return 130
+
+
+def add_training_options(p: argparse.ArgumentParser) -> None:
+    """Federation and local-training options (`fedpath run`, `fedpath simulate`, `fedpath demo`)."""
+    g = p.add_argument_group("federation")
+    g.add_argument(
+        "--rounds", type=int, default=5, help="federated rounds (in total, resumed rounds included)"
+    )
+    g.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight μ (0 = FedAvg)")
+    g.add_argument("--local-epochs", type=int, default=1, help="local epochs per round at each site")
+    g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    g.add_argument("--batch-size", type=int, default=8, help="bags per optimisation step")
+    g.add_argument("--max-tiles", type=int, default=512, help="random tiles per bag in training (0 = all)")
+    g.add_argument("--model", default="abmil", help="MIL aggregator (abmil, transformer)")
+    g.add_argument(
+        "--min-sites", type=int, default=None, help="sites needed per round (default: all but one)"
+    )
+    g.add_argument(
+        "--fraction-train", type=float, default=1.0, help="share of sites asked to train per round"
+    )
+    g.add_argument("--train-seed", type=int, default=0, help="seed of initial weights and local training")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the per-site patient split")
+
+
+def run_settings(args: argparse.Namespace, sites: int) -> dict[str, object]:
+    """RunConfig fields from the options of `add_training_options` (`sites`: sites expected)."""
+    min_sites = args.min_sites if args.min_sites is not None else max(1, sites - 1)
+    if not 1 <= min_sites <= sites:
+        raise UserError(f"--min-sites {min_sites} must be between 1 and the {sites} sites of the federation")
+    return {
+        "num_server_rounds": args.rounds,
+        "proximal_mu": args.mu,
+        "local_epochs": args.local_epochs,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "max_tiles": args.max_tiles,
+        "model": args.model,
+        "min_sites": min_sites,
+        "fraction_train": args.fraction_train,
+        "seed": args.train_seed,
+        "split_seed": args.split_seed,
+    }
+
+
+def check_run_folder(folder: object, run: object) -> None:
+    """Refuse to overwrite a run, or to resume one with other settings, before anything starts."""
+    from fedpath.common.runconfig import RunConfig
+    from fedpath.server.runfolder import RunFolder, resume_conflicts
+
+    assert isinstance(folder, RunFolder) and isinstance(run, RunConfig)
+    rounds = folder.checkpoint_rounds()
+    if rounds and not run.resume:
+        raise UserError(
+            f"{folder.root} already holds a run (checkpoints up to round {rounds[-1]}); "
+            "add --resume or use another --out"
+        )
+    latest = folder.latest_checkpoint() if rounds and run.resume else None
+    if latest is not None:
+        conflicts = resume_conflicts(latest.config, run.model_dump())
+        if conflicts:
+            raise UserError(
+                f"--resume with other settings than the run in {folder.root}: {'; '.join(conflicts)}"
+            )
+        if latest.round > run.num_server_rounds:
+            raise UserError(f"{folder.root} is past round {latest.round}; --rounds must be at least that")
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--superlink", required=True, help="SuperLink address HOST:PORT")
+    tls = p.add_mutually_exclusive_group(required=True)
+    tls.add_argument("--root-certificates", type=Path, help="CA certificate that signed the SuperLink's")
+    tls.add_argument("--insecure", action="store_true", help="plain text, no TLS (tests on one machine only)")
+    p.add_argument(
+        "--out", required=True, type=Path, help="run folder on the SuperLink's machine (made absolute)"
+    )
+    p.add_argument("--sites", required=True, type=int, help="number of sites expected in the federation")
+    p.add_argument("--in-dim", required=True, type=int, help="tile feature dimension of the sites' features")
+    p.add_argument("--num-classes", type=int, default=2, help="label classes")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-wait", action="store_true", help="submit and return; follow with `flwr log`")
+    add_training_options(p)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from fedpath.common.runconfig import RunConfig
+    from fedpath.server import flower_runtime as fr
+    from fedpath.server.runfolder import RunFolder
+
+    started_at = time.time()
+    out: Path = args.out.resolve()
+    try:
+        run = RunConfig(
+            in_dim=args.in_dim,
+            num_classes=args.num_classes,
+            run_dir=str(out),
+            resume=args.resume,
+            **run_settings(args, args.sites),
+        )
+    except ValidationError as err:
+        raise UserError(f"invalid settings: {err}") from err
+    folder = RunFolder(out)
+    check_run_folder(folder, run)
+    # The flwr CLI keeps its connection list in $FLWR_HOME; a private one keeps the user's untouched.
+    cli_home = out / "flwr-cli"
+    app = fr.write_app(out / "app", run)
+    fr.write_connection(cli_home, args.superlink, root_certificates=args.root_certificates)
+    try:
+        run_id = fr.submit_run(app, cli_home)
+    except fr.FlowerRuntimeError as err:
+        raise UserError(str(err)) from err
+    print(
+        f"run {run_id} submitted to {args.superlink}: FedProx μ={run.proximal_mu}, {run.num_server_rounds} rounds"
+    )
+    print(f"native equivalent: FLWR_HOME={cli_home} flwr run {app} {fr.CONNECTION} --stream")
+    if args.no_wait:
+        print(f"follow it with: FLWR_HOME={cli_home} flwr log {run_id} {fr.CONNECTION}")
+        return 0
+    status = fr.follow_run(run_id, cli_home, folder, run.num_server_rounds, print, started_at=started_at)
+    (out / "server.log").write_text(fr.run_logs(run_id, cli_home))
+    if status != "finished:completed":
+        raise UserError(f"run {run_id} ended as '{status}'; see {out / 'server.log'}")
+    print(f"run {run_id} completed; outputs in {out}/ (model.pt, model_card.md, rounds.jsonl, checkpoints/)")
+    return 0
+
+
+SERVER_COMMAND = Command(
+    name="server",
+    help="coordinator: run the federation's SuperLink (wraps flower-superlink)",
+    description="Commands for the federation's coordinator.",
+    add_arguments=_add_server_arguments,
+    run=_run_server,
+)
+
+
+RUN_COMMAND = Command(
+    name="run",
+    help="coordinator: submit a FedProx run to the SuperLink and follow it (wraps flwr run)",
+    description="Submit fedpath's FedProx federation to a running SuperLink (`fedpath server start`) and wait "
+    "for it, printing each finished round. Checkpoints, round log, final model and model card go to --out on "
+    "the SuperLink's machine.",
+    add_arguments=_add_run_arguments,
+    run=_run_run,
+)

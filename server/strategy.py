@@ -1,0 +1,259 @@
+"""FedProx with an aggregation guard, per-site bookkeeping and round numbers that survive a resume.
+
+`GuardedFedProx` is Flower's `FedProx` (aggregation exactly as FedAvg, weighted by each site's training
+patients) with three additions:
+
+* **Guard** — before aggregation every training reply is checked: an error reply (the site failed), an
+  update with NaN/Inf, missing, extra or reshaped arrays, another dtype, or no positive patient count is
+  left out and logged with the site that sent it. The round is aggregated when at least `min_sites`
+  updates are left; otherwise the global model stays as it was for that round.
+* **Round offset** — a resumed run starts Flower's round counter at 1 again; the offset makes the messages,
+  the seeds the sites derive from them, the checkpoints and the log carry the true round number.
+* **Bookkeeping** — per round and site: training and validation metrics, bytes received, status; collected
+  in `RoundRecord` for the round log. Replies are aggregated in site-name order, so the floating-point sum
+  (and a resumed run) does not depend on the order in which replies arrived.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.common.serde import recorddict_to_proto
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedProx
+
+from fedpath.common.runconfig import SITE_NAME, SITE_RECORD, WEIGHT_KEY
+from fedpath.common.wire import update_problems
+
+
+@dataclass
+class SiteRound:
+    """What the coordinator learned about one site in one round."""
+
+    node_id: int
+    status: str = "ok"  # ok | rejected | failed
+    reason: str = ""
+    bytes_received: int = 0
+    train: dict[str, float] = field(default_factory=dict)
+    evaluate: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    started: float
+    bytes_sent_per_site: int = 0
+    sites: dict[str, SiteRound] = field(default_factory=dict)
+    train_aggregate: dict[str, float] = field(default_factory=dict)
+    evaluate_aggregate: dict[str, float] = field(default_factory=dict)
+    aggregated: bool = False
+
+    def as_log_line(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "seconds": round(time.perf_counter() - self.started, 3),
+            "finished_at": round(time.time(), 3),
+            "aggregated": self.aggregated,
+            "bytes_sent_per_site": self.bytes_sent_per_site,
+            "bytes_received": sum(s.bytes_received for s in self.sites.values()),
+            "sites": {
+                name: {
+                    "node_id": s.node_id,
+                    "status": s.status,
+                    **({"reason": s.reason} if s.reason else {}),
+                    "bytes_received": s.bytes_received,
+                    "train": s.train,
+                    "evaluate": s.evaluate,
+                }
+                for name, s in sorted(self.sites.items())
+            },
+            "aggregate": {"train": self.train_aggregate, "evaluate": self.evaluate_aggregate},
+        }
+
+
+def message_bytes(msg: Message) -> int:
+    """Serialized size of a message's content (arrays, metrics, config) in bytes: what crosses the wire."""
+    return int(recorddict_to_proto(msg.content).ByteSize())
+
+
+def site_of(msg: Message, known: dict[int, str]) -> str:
+    """The site named in a reply; for a reply that names none (an error reply), the name the node gave in
+    an earlier reply, else its node id."""
+    node = msg.metadata.src_node_id
+    if not msg.has_error() and SITE_RECORD in msg.content.config_records:
+        name = msg.content.config_records[SITE_RECORD].get(SITE_NAME)
+        if isinstance(name, str) and name:
+            known[node] = name
+            return name
+    return known.get(node, f"node-{node}")
+
+
+def _metrics(msg: Message) -> dict[str, float]:
+    records = list(msg.content.metric_records.values())
+    return {k: v for k, v in records[0].items() if isinstance(v, int | float)} if records else {}
+
+
+def reply_problems(msg: Message, reference: ArrayRecord) -> list[str]:
+    """Why a training reply cannot be aggregated (empty when it can)."""
+    content = msg.content
+    if len(content.array_records) != 1:
+        return [f"expected one ArrayRecord, got {len(content.array_records)}"]
+    if len(content.metric_records) != 1:
+        return [f"expected one MetricRecord, got {len(content.metric_records)}"]
+    update = next(iter(content.array_records.values()))
+    problems = update_problems(update, reference)
+    for name in sorted(set(update) & set(reference)):
+        if update[name].dtype != reference[name].dtype:
+            problems.append(f"'{name}' has dtype {update[name].dtype}, expected {reference[name].dtype}")
+    weight = next(iter(content.metric_records.values())).get(WEIGHT_KEY)
+    if not isinstance(weight, int | float) or not weight > 0:
+        problems.append(f"metric '{WEIGHT_KEY}' must be a positive number, got {weight!r}")
+    return problems
+
+
+def weighted_mean_finite(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted mean of each metric over the replies where it is finite (a site whose validation patients
+    are all of one class has no AUROC; it must not turn the federation's AUROC into NaN)."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for record in records:
+        metrics = next(iter(record.metric_records.values()))
+        w = float(metrics[weight_key])  # type: ignore[arg-type]
+        for key, value in metrics.items():
+            if key != weight_key and isinstance(value, int | float) and math.isfinite(value):
+                sums[key] = sums.get(key, 0.0) + w * float(value)
+                weights[key] = weights.get(key, 0.0) + w
+    return MetricRecord({k: sums[k] / weights[k] for k in sums if weights[k] > 0})
+
+
+class GuardedFedProx(FedProx):
+    """FedProx weighted by training patients, with the guard and bookkeeping described above."""
+
+    def __init__(
+        self,
+        *,
+        reference: ArrayRecord,
+        proximal_mu: float,
+        min_sites: int,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        round_offset: int = 0,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_sites,
+            min_evaluate_nodes=min_sites if fraction_evaluate > 0 else 0,
+            min_available_nodes=min_sites,
+            weighted_by_key=WEIGHT_KEY,
+            evaluate_metrics_aggr_fn=weighted_mean_finite,
+            proximal_mu=proximal_mu,
+        )
+        self.reference = reference
+        self.min_sites = min_sites
+        self.round_offset = round_offset
+        self.current: RoundRecord | None = None
+        self.rejected: list[dict[str, Any]] = []  # every rejected or failed update of the run
+        self.node_sites: dict[int, str] = {}  # node id → site name, learned from replies
+
+    def true_round(self, server_round: int) -> int:
+        return server_round + self.round_offset
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        r = self.true_round(server_round)
+        self.current = RoundRecord(round=r, started=time.perf_counter())
+        messages = list(super().configure_train(r, arrays, config, grid))
+        if messages:
+            self.current.bytes_sent_per_site = message_bytes(messages[0])
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        r = self.true_round(server_round)
+        record = self._record(r)
+        accepted: list[tuple[str, Message]] = []
+        for msg in replies:
+            site = site_of(msg, self.node_sites)
+            entry = record.sites.setdefault(site, SiteRound(node_id=msg.metadata.src_node_id))
+            if msg.has_error():
+                self._refuse(r, site, entry, "failed", f"the site failed: {msg.error.reason}")
+                continue
+            entry.bytes_received += message_bytes(msg)
+            entry.train = _metrics(msg)
+            problems = reply_problems(msg, self.reference)
+            if problems:
+                self._refuse(r, site, entry, "rejected", "update rejected: " + "; ".join(problems))
+                continue
+            accepted.append((site, msg))
+        if len(accepted) < self.min_sites:
+            log(
+                WARNING,
+                "round %d: %d usable update(s), fewer than min-sites=%d; the global model is kept unchanged",
+                r,
+                len(accepted),
+                self.min_sites,
+            )
+            return None, None
+        accepted.sort(key=lambda pair: pair[0])
+        arrays, metrics = super().aggregate_train(r, [msg for _, msg in accepted])
+        record.aggregated = arrays is not None
+        record.train_aggregate = dict(metrics or {})  # type: ignore[arg-type]
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_evaluate(self.true_round(server_round), arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        r = self.true_round(server_round)
+        record = self._record(r)
+        usable: list[tuple[str, Message]] = []
+        for msg in replies:
+            site = site_of(msg, self.node_sites)
+            entry = record.sites.setdefault(site, SiteRound(node_id=msg.metadata.src_node_id))
+            if msg.has_error():
+                log(WARNING, "round %d: evaluation failed at site %s: %s", r, site, msg.error.reason)
+                entry.evaluate = {}
+                continue
+            entry.evaluate = _metrics(msg)
+            if len(msg.content.metric_records) == 1 and entry.evaluate.get(WEIGHT_KEY, 0) > 0:
+                usable.append((site, msg))
+        if not usable:
+            return None
+        usable.sort(key=lambda pair: pair[0])
+        metrics = super().aggregate_evaluate(r, [msg for _, msg in usable])
+        record.evaluate_aggregate = dict(metrics or {})  # type: ignore[arg-type]
+        return metrics
+
+    def _record(self, r: int) -> RoundRecord:
+        if self.current is None or self.current.round != r:
+            self.current = RoundRecord(round=r, started=time.perf_counter())
+        return self.current
+
+    def _refuse(self, r: int, site: str, entry: SiteRound, status: str, reason: str) -> None:
+        entry.status, entry.reason = status, reason
+        self.rejected.append({"round": r, "site": site, "node_id": entry.node_id, "reason": reason})
+        log(
+            WARNING,
+            "round %d: site %s (node %d): %s; the round goes on without it",
+            r,
+            site,
+            entry.node_id,
+            reason,
+        )
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> fedpath guard: updates with NaN/Inf or another layout are rejected per site")
+        log(INFO, "\t│\t└── Minimum sites per round: %d; round offset: %d", self.min_sites, self.round_offset)
+        super().summary()
