@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -336,8 +337,10 @@ def split_patients(
         raise ValueError(f"fractions val={val}, test={test} must be in [0, 1) and sum below 1")
     labels = manifest.patient_labels()
     out: dict[str, PatientSplit] = {}
-    for site_no, site in enumerate(manifest.sites):
-        rng = np.random.default_rng([seed, site_no])
+    for site in manifest.sites:
+        # seeded by the site's name, not its position: a hospital's own one-site manifest and a simulation
+        # over the whole cohort give that site the same split
+        rng = np.random.default_rng([seed, zlib.crc32(site.encode("utf-8"))])
         patients = list(manifest.for_site(site).patients())
         strata = [sorted(p for p in patients if labels[p] == k) for k in range(manifest.num_classes)]
         strata = [list(rng.permutation(s)) if s else [] for s in strata]

@@ -146,6 +146,9 @@ def test_splits_are_patient_level_stratified_and_seeded(tmp_path: Path) -> None:
             assert abs(sum(labels[p] for p in part) - pos_share * len(part)) <= 1.0
         assert abs(len(split.test) - 0.25 * len(site_patients)) <= 1
     assert split_patients(m, val=0.2, test=0.25, seed=7) == splits
+    # a site's split does not depend on which other sites share its manifest
+    alone = split_patients(m.for_site("H1"), val=0.2, test=0.25, seed=7)
+    assert alone["H1"] == splits["H1"]
     assert split_patients(m, val=0.2, test=0.25, seed=8) != splits
 
 
