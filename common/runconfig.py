@@ -57,6 +57,17 @@ class RunConfig(BaseModel):
     val_fraction: float = Field(0.15, ge=0, lt=1)
     test_fraction: float = Field(0.25, ge=0, lt=1)
     split_seed: int = 0
+    # per-patient differential privacy at every site (DP-SGD with Opacus); off while dp-noise and dp-epsilon
+    # are both 0. A site's node config may set its own 'privacy-budget' and 'privacy-ledger'.
+    dp_noise: float = Field(0.0, ge=0, description="DP-SGD noise multiplier σ (0 = off, or set by dp-epsilon)")
+    dp_epsilon: float = Field(0.0, ge=0, description="target ε per site over the run; σ calibrated (0 = off)")
+    dp_clip: float = Field(1.0, gt=0, description="per-patient gradient clipping norm C")
+    dp_delta: float = Field(0.0, ge=0, lt=1, description="δ (0 = 1/(10·training patients at the site))")
+    dp_batch: int = Field(0, ge=0, description="expected patients per DP-SGD step (0 = batch-size)")
+    dp_budget: float = Field(0.0, ge=0, description="lifetime ε budget per site (0 = dp-epsilon, else none)")
+    # client-level (central) DP at the coordinator: Flower's server-side fixed-clipping wrapper
+    central_dp_noise: float = Field(0.0, ge=0, description="client-level DP noise multiplier (0 = off)")
+    central_dp_clip: float = Field(10.0, gt=0, description="client-level DP clipping norm of an update")
     # simulation only: the one manifest whose sites the simulated nodes play (partition id → site)
     manifest: str = Field("", description="simulation only: manifest whose sites the nodes play")
 
@@ -77,6 +88,11 @@ class RunConfig(BaseModel):
     def to_flower(self) -> dict[str, bool | int | float | str]:
         """The run config as Flower writes it (hyphenated keys), e.g. for ``[tool.flwr.app.config]``."""
         return {k.replace("_", "-"): v for k, v in self.model_dump().items()}
+
+    @property
+    def private(self) -> bool:
+        """Whether the sites train with per-patient DP-SGD."""
+        return self.dp_noise > 0 or self.dp_epsilon > 0
 
     def require_model_shape(self) -> None:
         if self.in_dim <= 0:
