@@ -89,6 +89,42 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--train-seed", type=int, default=0, help="seed of initial weights and local training")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the per-site patient split")
+    dp = p.add_argument_group("per-patient differential privacy at each site (DP-SGD, Opacus)")
+    noise = dp.add_mutually_exclusive_group()
+    noise.add_argument("--dp-noise", type=float, default=0.0, metavar="Z", help="noise multiplier σ")
+    noise.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=0.0,
+        metavar="E",
+        help="target ε per site over the run (σ calibrated)",
+    )
+    dp.add_argument(
+        "--dp-clip", type=float, default=1.0, metavar="C", help="per-patient gradient clipping norm"
+    )
+    dp.add_argument("--dp-delta", type=float, default=0.0, metavar="D", help="δ (default 1/(10·patients))")
+    dp.add_argument(
+        "--dp-batch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="expected patients per step (default --batch-size)",
+    )
+    dp.add_argument(
+        "--dp-budget",
+        type=float,
+        default=0.0,
+        metavar="E",
+        help="lifetime ε budget per site (default --dp-epsilon)",
+    )
+    dp.add_argument(
+        "--central-dp-noise",
+        type=float,
+        default=0.0,
+        metavar="Z",
+        help="client-level DP at the coordinator instead (weak with few sites; see README)",
+    )
+    dp.add_argument("--central-dp-clip", type=float, default=10.0, metavar="C", help="update clipping norm")
 
 
 def run_settings(args: argparse.Namespace, sites: int) -> dict[str, object]:
@@ -108,6 +144,14 @@ def run_settings(args: argparse.Namespace, sites: int) -> dict[str, object]:
         "fraction_train": args.fraction_train,
         "seed": args.train_seed,
         "split_seed": args.split_seed,
+        "dp_noise": args.dp_noise,
+        "dp_epsilon": args.dp_epsilon,
+        "dp_clip": args.dp_clip,
+        "dp_delta": args.dp_delta,
+        "dp_batch": args.dp_batch,
+        "dp_budget": args.dp_budget,
+        "central_dp_noise": args.central_dp_noise,
+        "central_dp_clip": args.central_dp_clip,
     }
 
 
