@@ -73,22 +73,44 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     """Federation and local-training options (`fedpath run`, `fedpath simulate`, `fedpath demo`)."""
     g = p.add_argument_group("federation")
     g.add_argument(
-        "--rounds", type=int, default=5, help="federated rounds (in total, resumed rounds included)"
-    )
-    g.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight μ (0 = FedAvg)")
-    g.add_argument("--local-epochs", type=int, default=1, help="local epochs per round at each site")
-    g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    g.add_argument("--batch-size", type=int, default=8, help="bags per optimisation step")
-    g.add_argument("--max-tiles", type=int, default=512, help="random tiles per bag in training (0 = all)")
-    g.add_argument("--model", default="abmil", help="MIL aggregator (abmil, transformer)")
-    g.add_argument(
-        "--min-sites", type=int, default=None, help="sites needed per round (default: all but one)"
+        "--rounds",
+        metavar="R",
+        type=int,
+        default=5,
+        help="federated rounds (in total, resumed rounds included)",
     )
     g.add_argument(
-        "--fraction-train", type=float, default=1.0, help="share of sites asked to train per round"
+        "--mu", metavar="MU", type=float, default=0.01, help="FedProx proximal weight μ (0 = FedAvg)"
     )
-    g.add_argument("--train-seed", type=int, default=0, help="seed of initial weights and local training")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the per-site patient split")
+    g.add_argument(
+        "--local-epochs", metavar="E", type=int, default=1, help="local epochs per round at each site"
+    )
+    g.add_argument("--lr", metavar="LR", type=float, default=1e-3, help="AdamW learning rate")
+    g.add_argument("--batch-size", metavar="N", type=int, default=8, help="bags per optimisation step")
+    g.add_argument(
+        "--max-tiles", metavar="N", type=int, default=512, help="random tiles per bag in training (0 = all)"
+    )
+    g.add_argument("--model", metavar="NAME", default="abmil", help="MIL aggregator (abmil, transformer)")
+    g.add_argument(
+        "--min-sites",
+        metavar="N",
+        type=int,
+        default=None,
+        help="sites needed per round (default: all but one)",
+    )
+    g.add_argument(
+        "--fraction-train",
+        metavar="F",
+        type=float,
+        default=1.0,
+        help="share of sites asked to train per round",
+    )
+    g.add_argument(
+        "--train-seed", metavar="S", type=int, default=0, help="seed of initial weights and local training"
+    )
+    g.add_argument(
+        "--split-seed", metavar="S", type=int, default=0, help="seed of the per-site patient split"
+    )
     dp = p.add_argument_group("per-patient differential privacy at each site (DP-SGD, Opacus)")
     noise = dp.add_mutually_exclusive_group()
     noise.add_argument("--dp-noise", type=float, default=0.0, metavar="Z", help="noise multiplier σ")
