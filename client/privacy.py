@@ -222,6 +222,33 @@ class PrivacyLedger:
         return entry
 
 
+def default_ledger_path(manifest: str | os.PathLike[str], site: str) -> Path:
+    """Where a site keeps its ledger unless told otherwise: beside its manifest, never in a run folder."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in site)
+    return Path(manifest).resolve().parent / ".fedpath-privacy" / f"{safe}.json"
+
+
+def format_ledger(ledger: PrivacyLedger) -> str:
+    """The ledger as a table: one line per round trained under DP, with the cumulative ε."""
+    lines = [
+        f"privacy ledger of site '{ledger.site}' ({ledger.path}): unit = patient, δ = {ledger.delta:.3g}, "
+        "RDP accountant (Opacus)",
+        f"{'run':<24} {'round':>5} {'σ':>7} {'q':>7} {'steps':>6} {'ε total':>8}  time",
+    ]
+    for e in ledger.entries:
+        lines.append(
+            f"{e.run[:24]:<24} {e.round:>5} {e.noise_multiplier:>7.3f} {e.sample_rate:>7.4f} {e.steps:>6} "
+            f"{e.epsilon:>8.3f}  {e.time}"
+        )
+    if not ledger.entries:
+        lines.append("(nothing spent yet)")
+    else:
+        lines.append(
+            f"spent: ε = {ledger.epsilon:.3f} at δ = {ledger.delta:.3g} over {len(ledger.entries)} rounds"
+        )
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class PrivatePlan:
     """What one round of DP training at a site will do: σ, q, steps and the resulting ε."""

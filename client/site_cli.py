@@ -42,6 +42,24 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     start.add_argument(
         "--flwr-home", type=Path, help="Flower's folder for installed apps (default: $FLWR_HOME)"
     )
+    start.add_argument(
+        "--privacy-budget", type=float, help="this site's lifetime ε budget under DP (default: the run's)"
+    )
+    start.add_argument(
+        "--privacy-ledger",
+        type=Path,
+        help="privacy ledger file (default: .fedpath-privacy/ beside the manifest)",
+    )
+    privacy = sub.add_parser(
+        "privacy",
+        help="print this site's privacy ledger (ε spent per round, cumulative)",
+        description="Print the site's differential-privacy ledger: every round trained under DP-SGD with its "
+        "noise, sampling rate, steps and the cumulative ε (RDP accountant, patient-level, at the ledger's δ).",
+    )
+    where = privacy.add_mutually_exclusive_group(required=True)
+    where.add_argument("--ledger", type=Path, help="the ledger file")
+    where.add_argument("--manifest", type=Path, help="the site's manifest (ledger in its default place)")
+    privacy.add_argument("--site", default="", help="site name (with --manifest, if it holds several)")
 
 
 def supernode_command(args: argparse.Namespace, manifest: Path, site: str) -> list[str]:
@@ -57,6 +75,10 @@ def supernode_command(args: argparse.Namespace, manifest: Path, site: str) -> li
     if args.auth_key:
         cmd += ["--auth-supernode-private-key", str(args.auth_key)]
     node_config = f"manifest={_toml_string(str(manifest))} site={_toml_string(site)}"
+    if args.privacy_budget is not None:
+        node_config += f" privacy-budget={float(args.privacy_budget)!r}"
+    if args.privacy_ledger is not None:
+        node_config += f" privacy-ledger={_toml_string(str(args.privacy_ledger.resolve()))}"
     return [*cmd, "--node-config", node_config]
 
 
@@ -65,17 +87,57 @@ def _toml_string(text: str) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    actions = {"start": _start, "privacy": _privacy}
+    return actions[args.action](args)
+
+
+def _site_of(manifest: Path, site: str) -> str:
+    """The named site, or the manifest's only site."""
+    from fedpath.common.manifest import load_manifest
+
+    sites = load_manifest(manifest, check_files=False).sites
+    chosen = site or (sites[0] if len(sites) == 1 else "")
+    if not chosen:
+        raise UserError(f"{manifest} holds sites {', '.join(sites)}: choose one with --site")
+    if chosen not in sites:
+        raise UserError(f"{manifest} has no site '{chosen}'; its sites are {', '.join(sites)}")
+    return chosen
+
+
+def _privacy(args: argparse.Namespace) -> int:
+    import json
+
+    from fedpath.client.privacy import PrivacyError, PrivacyLedger, default_ledger_path, format_ledger
+    from fedpath.common.manifest import ManifestError
+
+    try:
+        if args.ledger is not None:
+            path = args.ledger
+            if not path.exists():
+                raise UserError(f"{path}: no such ledger")
+            site = str(json.loads(path.read_text()).get("site", ""))
+        else:
+            site = _site_of(args.manifest.resolve(), args.site)
+            path = default_ledger_path(args.manifest, site)
+            if not path.exists():
+                print(f"site '{site}' has spent no privacy yet (no ledger at {path})")
+                return 0
+        ledger = PrivacyLedger(path, site=site, delta=0.0)
+    except (PrivacyError, ManifestError, json.JSONDecodeError) as err:
+        raise UserError(str(err)) from err
+    print(format_ledger(ledger))
+    return 0
+
+
+def _start(args: argparse.Namespace) -> int:
     from fedpath.client.site import SiteConfigError, SiteRef, load_site
     from fedpath.common.features import FeatureFileError
-    from fedpath.common.manifest import ManifestError, load_manifest
+    from fedpath.common.manifest import ManifestError
     from fedpath.common.runconfig import RunConfig
 
     manifest = args.manifest.resolve()
     try:
-        sites = load_manifest(manifest).sites
-        site = args.site or (sites[0] if len(sites) == 1 else "")
-        if not site:
-            raise UserError(f"{manifest} holds sites {', '.join(sites)}: choose one with --site")
+        site = _site_of(manifest, args.site)
         data = load_site(SiteRef(manifest, site), RunConfig())
     except (ManifestError, SiteConfigError, FeatureFileError) as err:
         raise UserError(str(err)) from err
