@@ -7,20 +7,44 @@ per patient (no ids, no scores) leaves the site.
 
 Local training is `fedpath.client.training.train_epochs` with the FedProx term μ/2·‖w − w_global‖², μ taken
 from the message (``proximal-mu``, set by the coordinator's FedProx strategy).
+
+With per-patient DP on (run config ``dp-noise`` or ``dp-epsilon``), training is DP-SGD over the site's
+patients and every round is entered in the site's privacy ledger, a file that stays at the site; the reply
+adds ``epsilon`` (cumulative over all rounds and runs in the ledger), ``delta``, ``dp-noise``,
+``dp-sample-rate`` and ``dp-steps``. A round that would take the site past its budget is refused before any
+training with an error reply (code ``PRIVACY_EXHAUSTED``), and the coordinator goes on without the site.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from fedpath.client.privacy import (
+    BudgetExhausted,
+    DPConfig,
+    PrivacyLedger,
+    PrivatePlan,
+    default_delta,
+    default_ledger_path,
+    plan_round,
+)
 from fedpath.client.site import SiteData, check_compatible, load_site, resolve_site
 from fedpath.client.training import TrainConfig, predict, summarize, train_epochs
 from fedpath.common.mil import create_mil
-from fedpath.common.runconfig import SITE_NAME, SITE_RECORD, WEIGHT_KEY, RunConfig, round_seed
+from fedpath.common.runconfig import (
+    PRIVACY_EXHAUSTED,
+    SITE_NAME,
+    SITE_RECORD,
+    WEIGHT_KEY,
+    RunConfig,
+    round_seed,
+)
 from fedpath.common.wire import load_arrays, model_to_arrays
 
 app = ClientApp()
@@ -56,6 +80,31 @@ def _reply(msg: Message, site: SiteData, metrics: MetricRecord, arrays: ArrayRec
     return Message(content=content, reply_to=msg)
 
 
+def privacy_ledger(run: RunConfig, site: SiteData, node_config: Mapping[str, object]) -> PrivacyLedger:
+    """The site's ledger: node config 'privacy-ledger', else beside the site's manifest (deployment), else in
+    the run folder (simulation, where one machine plays every site)."""
+    if "privacy-ledger" in node_config:
+        path = Path(str(node_config["privacy-ledger"]))
+    elif "manifest" in node_config:
+        path = default_ledger_path(str(node_config["manifest"]), site.name)
+    else:
+        path = Path(run.run_dir) / "privacy" / f"{site.name}.json"
+    return PrivacyLedger(path, site=site.name, delta=run.dp_delta or default_delta(len(site.train)))
+
+
+def privacy_config(run: RunConfig, node_config: Mapping[str, object]) -> DPConfig:
+    """DP-SGD settings from the run config; the site's own node config 'privacy-budget' takes precedence."""
+    budget = float(node_config.get("privacy-budget", run.dp_budget) or 0.0)  # type: ignore[arg-type]
+    return DPConfig(
+        noise_multiplier=run.dp_noise or None,
+        target_epsilon=run.dp_epsilon or None,
+        max_grad_norm=run.dp_clip,
+        delta=run.dp_delta or None,
+        expected_batch_size=run.dp_batch or run.batch_size,
+        budget_epsilon=budget or None,
+    )
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
@@ -63,16 +112,43 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     mu = float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]
-    stats = train_epochs(model, site.train, local_train_config(run, site.name, server_round, mu))
-    metrics = MetricRecord(
-        {
-            WEIGHT_KEY: len(site.train),
-            "slides": site.slides_train,
-            "loss": stats.loss,
-            "seconds": time.perf_counter() - started,
+    plan: PrivatePlan | None = None
+    if run.private:
+        ledger = privacy_ledger(run, site, context.node_config)
+        try:
+            plan = plan_round(
+                privacy_config(run, context.node_config),
+                ledger,
+                patients=len(site.train),
+                epochs=run.local_epochs,
+                rounds_left=max(1, run.num_server_rounds - server_round + 1),
+            )
+        except BudgetExhausted as err:
+            return Message(error=Error(code=PRIVACY_EXHAUSTED, reason=str(err)), reply_to=msg)
+    train_config = local_train_config(run, site.name, server_round, mu)
+    stats = train_epochs(model, site.train, train_config, privacy=plan)
+    metrics: dict[str, int | float] = {
+        WEIGHT_KEY: len(site.train),
+        "slides": site.slides_train,
+        "loss": stats.loss,
+        "seconds": time.perf_counter() - started,
+    }
+    if plan is not None:
+        entry = ledger.record(
+            run=str(context.run_id),
+            round=server_round,
+            noise_multiplier=plan.noise_multiplier,
+            q=plan.sample_rate,
+            steps=stats.steps,
+        )
+        metrics |= {
+            "epsilon": entry.epsilon,
+            "delta": plan.delta,
+            "dp-noise": plan.noise_multiplier,
+            "dp-sample-rate": plan.sample_rate,
+            "dp-steps": stats.steps,
         }
-    )
-    return _reply(msg, site, metrics, model_to_arrays(model))
+    return _reply(msg, site, MetricRecord(metrics), model_to_arrays(model))  # type: ignore[arg-type]
 
 
 @app.evaluate()

@@ -24,19 +24,19 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from opacus.accountants import RDPAccountant
-from opacus.grad_sample import GradSampleModule
-from opacus.optimizers import DPOptimizer
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 
 from fedpath.common.atomic import write_text_atomic
 from fedpath.common.bags import BagBatch, BagDataset, BagItem, collate_bags
+
+if TYPE_CHECKING:  # Opacus takes seconds to import: only when a site actually trains or accounts with DP
+    from opacus.grad_sample import GradSampleModule
+    from opacus.optimizers import DPOptimizer
 
 LEDGER_VERSION = 1
 
@@ -112,6 +112,8 @@ def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float) -> flo
     """ε of the RDP composition of all (σ, q, steps) entries at δ (0 for an empty history)."""
     if not history:
         return 0.0
+    from opacus.accountants import RDPAccountant
+
     accountant = RDPAccountant()
     accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
     return float(accountant.get_epsilon(delta=delta))
@@ -302,6 +304,10 @@ def make_private(
     Returns the wrapped model, the DP optimizer and a loader yielding `plan.steps // epochs` Poisson batches
     per pass (an empty batch still takes a noisy step, as the analysis assumes).
     """
+    from opacus.grad_sample import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
     generator = torch.Generator().manual_seed(seed)
     sampler = UniformWithReplacementSampler(
         num_samples=len(dataset),

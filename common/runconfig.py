@@ -22,6 +22,10 @@ WEIGHT_KEY = "patients"
 # Key of the ConfigRecord in a reply that names the site (an aggregate fact, never patient data).
 SITE_RECORD = "site"
 SITE_NAME = "name"
+# Error code of a training reply from a site whose privacy budget would be exceeded by the round.
+PRIVACY_EXHAUSTED = 4701
+# Train-reply metrics about a site's privacy spending: logged per site, never averaged across sites.
+PRIVACY_METRICS = ("epsilon", "delta", "dp-noise", "dp-sample-rate", "dp-steps")
 
 
 class RunConfigError(ValueError):

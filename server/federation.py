@@ -152,6 +152,7 @@ def model_card(run: RunConfig, folder: RunFolder, history: list[dict[str, Any]])
     ]
     return {
         "config": run.model_dump(),
+        "privacy": privacy_summary(run, history),
         "rounds": len(history),
         "sites": sites,
         "final_evaluation": {
@@ -166,3 +167,25 @@ def model_card(run: RunConfig, folder: RunFolder, history: list[dict[str, Any]])
         "fedpath_version": fedpath_version(),
         "flwr_version": flwr.__version__,
     }
+
+
+def privacy_summary(run: RunConfig, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """DP settings and each site's cumulative ε after every round it trained (from the round log)."""
+    settings = {
+        "per_patient_dp": run.private,
+        "noise_multiplier": run.dp_noise or None,
+        "target_epsilon": run.dp_epsilon or None,
+        "clip": run.dp_clip,
+        "delta": run.dp_delta or "1/(10·training patients) per site",
+        "expected_patients_per_step": run.dp_batch or run.batch_size,
+        "budget": run.dp_budget or run.dp_epsilon or None,
+    }
+    epsilon: dict[str, dict[int, float]] = {}
+    exhausted: dict[str, int] = {}
+    for line in history:
+        for site, entry in line["sites"].items():
+            if "epsilon" in entry.get("train", {}) and entry["status"] == "ok":
+                epsilon.setdefault(site, {})[line["round"]] = entry["train"]["epsilon"]
+            if entry["status"] == "privacy-exhausted":
+                exhausted.setdefault(site, line["round"])
+    return {"settings": settings, "epsilon_by_site_and_round": epsilon, "exhausted_from_round": exhausted}

@@ -202,6 +202,26 @@ def render_model_card(card: dict[str, Any]) -> str:
         f"| **weighted mean** | | {fmt(agg.get('auroc'))} | {fmt(agg.get('balanced_accuracy'))} | "
         f"{fmt(agg.get('loss'))} |"
     )
+    privacy = card.get("privacy", {})
+    if privacy.get("settings", {}).get("per_patient_dp"):
+        st = privacy["settings"]
+        lines += [
+            "",
+            "## Differential privacy (per patient, at each site)",
+            "",
+            f"DP-SGD with Opacus: clipping norm {st['clip']}, noise multiplier {st['noise_multiplier']}, "
+            f"target ε {st['target_epsilon']}, δ {st['delta']}, {st['expected_patients_per_step']} expected "
+            f"patients per step, budget {st['budget']}. ε is cumulative over every round in each site's own "
+            "ledger (RDP accountant); validation metrics are released without DP.",
+            "",
+            "| site | ε after each round trained | exhausted from round |",
+            "| --- | --- | ---: |",
+        ]
+        sites = sorted(set(privacy["epsilon_by_site_and_round"]) | set(privacy["exhausted_from_round"]))
+        for site in sites:
+            rounds = privacy["epsilon_by_site_and_round"].get(site, {})
+            spent = ", ".join(f"r{r}: {e:.2f}" for r, e in sorted(rounds.items(), key=lambda x: int(x[0])))
+            lines.append(f"| {site} | {spent or '—'} | {privacy['exhausted_from_round'].get(site, '—')} |")
     if card.get("rejected"):
         lines += ["", "## Rejected or failed updates", ""]
         lines += [f"- round {r['round']}, site {r['site']}: {r['reason']}" for r in card["rejected"]]

@@ -29,7 +29,7 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx
 
-from fedpath.common.runconfig import SITE_NAME, SITE_RECORD, WEIGHT_KEY
+from fedpath.common.runconfig import PRIVACY_EXHAUSTED, PRIVACY_METRICS, SITE_NAME, SITE_RECORD, WEIGHT_KEY
 from fedpath.common.wire import update_problems
 
 
@@ -38,7 +38,7 @@ class SiteRound:
     """What the coordinator learned about one site in one round."""
 
     node_id: int
-    status: str = "ok"  # ok | rejected | failed
+    status: str = "ok"  # ok | rejected | failed | privacy-exhausted
     reason: str = ""
     bytes_received: int = 0
     train: dict[str, float] = field(default_factory=dict)
@@ -54,6 +54,18 @@ class RoundRecord:
     train_aggregate: dict[str, float] = field(default_factory=dict)
     evaluate_aggregate: dict[str, float] = field(default_factory=dict)
     aggregated: bool = False
+
+    def name_node(self, node_id: int, site: str) -> None:
+        """File what was logged under 'node-<id>' (an error reply names no site) under the site's name, once
+        a later reply of the same round (its evaluation) names it."""
+        anonymous = self.sites.pop(f"node-{node_id}", None)
+        if anonymous is not None and site != f"node-{node_id}":
+            named = self.sites.setdefault(site, SiteRound(node_id=node_id))
+            named.status, named.reason = anonymous.status, anonymous.reason
+            named.bytes_received += anonymous.bytes_received
+            named.train = named.train or anonymous.train
+        elif anonymous is not None:
+            self.sites[site] = anonymous
 
     def as_log_line(self) -> dict[str, Any]:
         return {
@@ -118,6 +130,13 @@ def reply_problems(msg: Message, reference: ArrayRecord) -> list[str]:
     return problems
 
 
+def train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted mean of the training metrics, without the privacy figures: a site's ε is its own and is
+    logged per site; an average ε across sites would guarantee nothing to anyone."""
+    mean = weighted_mean_finite(records, weight_key)
+    return MetricRecord({k: v for k, v in mean.items() if k not in PRIVACY_METRICS})
+
+
 def weighted_mean_finite(records: list[RecordDict], weight_key: str) -> MetricRecord:
     """Weighted mean of each metric over the replies where it is finite (a site whose validation patients
     are all of one class has no AUROC; it must not turn the federation's AUROC into NaN)."""
@@ -153,6 +172,7 @@ class GuardedFedProx(FedProx):
             min_evaluate_nodes=min_sites if fraction_evaluate > 0 else 0,
             min_available_nodes=min_sites,
             weighted_by_key=WEIGHT_KEY,
+            train_metrics_aggr_fn=train_metrics,
             evaluate_metrics_aggr_fn=weighted_mean_finite,
             proximal_mu=proximal_mu,
         )
@@ -185,6 +205,11 @@ class GuardedFedProx(FedProx):
         for msg in replies:
             site = site_of(msg, self.node_sites)
             entry = record.sites.setdefault(site, SiteRound(node_id=msg.metadata.src_node_id))
+            if msg.has_error() and msg.error.code == PRIVACY_EXHAUSTED:
+                self._refuse(
+                    r, site, entry, "privacy-exhausted", msg.error.reason or "privacy budget exhausted"
+                )
+                continue
             if msg.has_error():
                 self._refuse(r, site, entry, "failed", f"the site failed: {msg.error.reason}")
                 continue
@@ -221,6 +246,7 @@ class GuardedFedProx(FedProx):
         usable: list[tuple[str, Message]] = []
         for msg in replies:
             site = site_of(msg, self.node_sites)
+            record.name_node(msg.metadata.src_node_id, site)
             entry = record.sites.setdefault(site, SiteRound(node_id=msg.metadata.src_node_id))
             if msg.has_error():
                 log(WARNING, "round %d: evaluation failed at site %s: %s", r, site, msg.error.reason)
