@@ -41,6 +41,7 @@ from fedpath.common.runconfig import (
     PRIVACY_EXHAUSTED,
     SITE_NAME,
     SITE_RECORD,
+    UNIT_WEIGHT_KEY,
     WEIGHT_KEY,
     RunConfig,
     round_seed,
@@ -129,6 +130,7 @@ def train(msg: Message, context: Context) -> Message:
     stats = train_epochs(model, site.train, train_config, privacy=plan)
     metrics: dict[str, int | float] = {
         WEIGHT_KEY: len(site.train),
+        UNIT_WEIGHT_KEY: 1,
         "slides": site.slides_train,
         "loss": stats.loss,
         "seconds": time.perf_counter() - started,
@@ -162,6 +164,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {
             WEIGHT_KEY: len(site.val),
+            UNIT_WEIGHT_KEY: 1,
             "auroc": summary["auroc"],
             "balanced_accuracy": summary["balanced_accuracy"],
             "loss": summary["loss"],

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedpath.common.accounting import epsilon_of
 from fedpath.common.atomic import write_text_atomic
 from fedpath.common.bags import BagBatch, BagDataset, BagItem, collate_bags
 
@@ -106,17 +107,6 @@ def steps_per_epoch(q: float) -> int:
 
 
 History = list[tuple[float, float, int]]  # (σ, q, steps), Opacus's accountant history
-
-
-def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float) -> float:
-    """ε of the RDP composition of all (σ, q, steps) entries at δ (0 for an empty history)."""
-    if not history:
-        return 0.0
-    from opacus.accountants import RDPAccountant
-
-    accountant = RDPAccountant()
-    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(accountant.get_epsilon(delta=delta))
 
 
 def calibrate_noise(

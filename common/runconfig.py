@@ -22,6 +22,8 @@ WEIGHT_KEY = "patients"
 # Key of the ConfigRecord in a reply that names the site (an aggregate fact, never patient data).
 SITE_RECORD = "site"
 SITE_NAME = "name"
+# With client-level DP every site weighs the same (the accounting assumes a plain mean of clipped updates).
+UNIT_WEIGHT_KEY = "unit-weight"
 # Error code of a training reply from a site whose privacy budget would be exceeded by the round.
 PRIVACY_EXHAUSTED = 4701
 # Train-reply metrics about a site's privacy spending: logged per site, never averaged across sites.
@@ -63,7 +65,9 @@ class RunConfig(BaseModel):
     split_seed: int = 0
     # per-patient differential privacy at every site (DP-SGD with Opacus); off while dp-noise and dp-epsilon
     # are both 0. A site's node config may set its own 'privacy-budget' and 'privacy-ledger'.
-    dp_noise: float = Field(0.0, ge=0, description="DP-SGD noise multiplier σ (0 = off, or set by dp-epsilon)")
+    dp_noise: float = Field(
+        0.0, ge=0, description="DP-SGD noise multiplier σ (0 = off, or set by dp-epsilon)"
+    )
     dp_epsilon: float = Field(0.0, ge=0, description="target ε per site over the run; σ calibrated (0 = off)")
     dp_clip: float = Field(1.0, gt=0, description="per-patient gradient clipping norm C")
     dp_delta: float = Field(0.0, ge=0, lt=1, description="δ (0 = 1/(10·training patients at the site))")

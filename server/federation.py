@@ -15,9 +15,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
+from fedpath.common.accounting import CENTRAL_DELTA, epsilon_of
 from fedpath.common.mil import create_mil
-from fedpath.common.runconfig import RunConfig, RunConfigError, round_seed
+from fedpath.common.runconfig import UNIT_WEIGHT_KEY, WEIGHT_KEY, RunConfig, RunConfigError, round_seed
 from fedpath.common.version import fedpath_version
 from fedpath.server.runfolder import Checkpoint, RunFolder, RunFolderError, resume_conflicts
 from fedpath.server.strategy import GuardedFedProx
@@ -86,6 +88,7 @@ def run_federation(grid: Grid, run: RunConfig) -> RunFolder:
     start = plan_start(run, folder)
     arrays = ArrayRecord(start.state_dict)
     remaining = run.num_server_rounds - start.done_rounds
+    central = run.central_dp_noise > 0
     strategy = GuardedFedProx(
         reference=arrays,
         proximal_mu=run.proximal_mu,
@@ -93,7 +96,15 @@ def run_federation(grid: Grid, run: RunConfig) -> RunFolder:
         fraction_train=run.fraction_train,
         fraction_evaluate=run.fraction_evaluate,
         round_offset=start.done_rounds,
+        weighted_by_key=UNIT_WEIGHT_KEY if central else WEIGHT_KEY,
     )
+    # Client-level DP: Flower's wrapper clips each site's update to central-dp-clip and adds Gaussian noise
+    # to the mean; noise is sized for min-sites replies, so more replies only make it more private.
+    top: Strategy = strategy
+    if central:
+        top = DifferentialPrivacyServerSideFixedClipping(
+            strategy, run.central_dp_noise, run.central_dp_clip, num_sampled_clients=run.min_sites
+        )
     config = run.model_dump()
     history: list[dict[str, Any]] = folder.read_rounds()
 
@@ -112,6 +123,8 @@ def run_federation(grid: Grid, run: RunConfig) -> RunFolder:
         }
         folder.save_checkpoint(Checkpoint(r, global_arrays.to_torch_state_dict(), config, seeds))
         line = record.as_log_line()
+        if central:
+            line["central_dp"] = central_dp_spent(run, r)
         folder.append_round(line)
         history.append(line)
         log(INFO, "round %d/%d done in %.1f s: checkpoint and round log in %s", r, run.num_server_rounds,
@@ -121,7 +134,7 @@ def run_federation(grid: Grid, run: RunConfig) -> RunFolder:
     started = time.perf_counter()
     final_state = start.state_dict
     if remaining > 0:
-        result = strategy.start(
+        result = top.start(
             grid=grid,
             initial_arrays=arrays,
             num_rounds=remaining,
@@ -169,6 +182,18 @@ def model_card(run: RunConfig, folder: RunFolder, history: list[dict[str, Any]])
     }
 
 
+def central_dp_spent(run: RunConfig, rounds: int) -> dict[str, float]:
+    """Client-level (ε, δ) after `rounds` noisy aggregations, the unit being a whole site. Every round is
+    counted as a full release (no amplification by sampling sites: with a handful of hospitals there is
+    none to speak of)."""
+    return {
+        "epsilon": epsilon_of([(run.central_dp_noise, 1.0, rounds)], CENTRAL_DELTA),
+        "delta": CENTRAL_DELTA,
+        "noise_multiplier": run.central_dp_noise,
+        "clip": run.central_dp_clip,
+    }
+
+
 def privacy_summary(run: RunConfig, history: list[dict[str, Any]]) -> dict[str, Any]:
     """DP settings and each site's cumulative ε after every round it trained (from the round log)."""
     settings = {
@@ -188,4 +213,12 @@ def privacy_summary(run: RunConfig, history: list[dict[str, Any]]) -> dict[str, 
                 epsilon.setdefault(site, {})[line["round"]] = entry["train"]["epsilon"]
             if entry["status"] == "privacy-exhausted":
                 exhausted.setdefault(site, line["round"])
-    return {"settings": settings, "epsilon_by_site_and_round": epsilon, "exhausted_from_round": exhausted}
+    central = {line["round"]: line["central_dp"]["epsilon"] for line in history if "central_dp" in line}
+    return {
+        "settings": settings,
+        "epsilon_by_site_and_round": epsilon,
+        "exhausted_from_round": exhausted,
+        "client_level": {"settings": central_dp_spent(run, 0), "epsilon_by_round": central}
+        if central
+        else None,
+    }

@@ -222,6 +222,19 @@ def render_model_card(card: dict[str, Any]) -> str:
             rounds = privacy["epsilon_by_site_and_round"].get(site, {})
             spent = ", ".join(f"r{r}: {e:.2f}" for r, e in sorted(rounds.items(), key=lambda x: int(x[0])))
             lines.append(f"| {site} | {spent or '—'} | {privacy['exhausted_from_round'].get(site, '—')} |")
+    client_level = privacy.get("client_level")
+    if client_level:
+        st = client_level["settings"]
+        spent = ", ".join(f"r{r}: {e:.2f}" for r, e in sorted(client_level["epsilon_by_round"].items()))
+        lines += [
+            "",
+            "## Client-level differential privacy (at the coordinator)",
+            "",
+            f"Each site's update clipped to norm {st['clip']}, Gaussian noise with multiplier "
+            f"{st['noise_multiplier']} on the mean, every site weighted equally; the unit is a whole site, "
+            f"δ = {st['delta']}. ε after each round: {spent}. With a handful of sites this guarantee costs "
+            "most of the model's accuracy; per-patient DP at each site is the useful one.",
+        ]
     if card.get("rejected"):
         lines += ["", "## Rejected or failed updates", ""]
         lines += [f"- round {r['round']}, site {r['site']}: {r['reason']}" for r in card["rejected"]]

@@ -29,7 +29,14 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx
 
-from fedpath.common.runconfig import PRIVACY_EXHAUSTED, PRIVACY_METRICS, SITE_NAME, SITE_RECORD, WEIGHT_KEY
+from fedpath.common.runconfig import (
+    PRIVACY_EXHAUSTED,
+    PRIVACY_METRICS,
+    SITE_NAME,
+    SITE_RECORD,
+    UNIT_WEIGHT_KEY,
+    WEIGHT_KEY,
+)
 from fedpath.common.wire import update_problems
 
 
@@ -146,7 +153,11 @@ def weighted_mean_finite(records: list[RecordDict], weight_key: str) -> MetricRe
         metrics = next(iter(record.metric_records.values()))
         w = float(metrics[weight_key])  # type: ignore[arg-type]
         for key, value in metrics.items():
-            if key != weight_key and isinstance(value, int | float) and math.isfinite(value):
+            if (
+                key not in (weight_key, UNIT_WEIGHT_KEY)
+                and isinstance(value, int | float)
+                and math.isfinite(value)
+            ):
                 sums[key] = sums.get(key, 0.0) + w * float(value)
                 weights[key] = weights.get(key, 0.0) + w
     return MetricRecord({k: sums[k] / weights[k] for k in sums if weights[k] > 0})
@@ -164,6 +175,7 @@ class GuardedFedProx(FedProx):
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
         round_offset: int = 0,
+        weighted_by_key: str = WEIGHT_KEY,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -171,7 +183,7 @@ class GuardedFedProx(FedProx):
             min_train_nodes=min_sites,
             min_evaluate_nodes=min_sites if fraction_evaluate > 0 else 0,
             min_available_nodes=min_sites,
-            weighted_by_key=WEIGHT_KEY,
+            weighted_by_key=weighted_by_key,
             train_metrics_aggr_fn=train_metrics,
             evaluate_metrics_aggr_fn=weighted_mean_finite,
             proximal_mu=proximal_mu,
