@@ -63,9 +63,11 @@ def _site_and_model(msg: Message, context: Context) -> tuple[RunConfig, SiteData
 
 def local_train_config(run: RunConfig, site: str, server_round: int, proximal_mu: float) -> TrainConfig:
     """This site's training settings for one round (seeded by run seed, round and site)."""
+    # Under DP, SGD with momentum: Adam divides by the running gradient scale, which DP noise dominates.
     return TrainConfig(
         epochs=run.local_epochs,
-        lr=run.lr,
+        lr=run.dp_lr if run.private else run.lr,
+        optimizer="sgd" if run.private else "adamw",
         weight_decay=run.weight_decay,
         batch_size=run.batch_size,
         max_tiles=run.max_tiles or None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(0, ge=0, description="DataLoader workers reading feature files")
     seed: int = 0
     proximal_mu: float = Field(0.0, ge=0, description="FedProx μ (0 = FedAvg / plain training)")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="AdamW, or SGD with momentum 0.9 (better under DP: Adam rescales noise upward)"
+    )
 
 
 @dataclass(frozen=True)
@@ -104,9 +107,13 @@ def train_epochs(
     torch.manual_seed(config.seed)
     model.to(device).train()
     dataset = BagDataset(bags, max_tiles=config.max_tiles, seed=config.seed)
-    optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
+    optimizer: torch.optim.Optimizer
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay
+        )
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad] if config.proximal_mu else []
     trained: nn.Module = model
     if privacy is None:

@@ -70,6 +70,7 @@ class RunConfig(BaseModel):
     )
     dp_epsilon: float = Field(0.0, ge=0, description="target ε per site over the run; σ calibrated (0 = off)")
     dp_clip: float = Field(1.0, gt=0, description="per-patient gradient clipping norm C")
+    dp_lr: float = Field(0.05, gt=0, description="learning rate under DP (SGD with momentum 0.9)")
     dp_delta: float = Field(0.0, ge=0, lt=1, description="δ (0 = 1/(10·training patients at the site))")
     dp_batch: int = Field(0, ge=0, description="expected patients per DP-SGD step (0 = batch-size)")
     dp_budget: float = Field(0.0, ge=0, description="lifetime ε budget per site (0 = dp-epsilon, else none)")

@@ -25,7 +25,7 @@ COHORT = SynthConfig(
     sites=2, slides=105, size_skew=2.0, dim=8, tiles_median=20, tiles_min=8, tiles_max=60, signal=4.0,
     witness_min=0.2, witness_max=0.4, shift=0.0, multi_slide_fraction=0.0, prevalence=0.5, prevalence_skew=0.0,
 )  # fmt: skip
-SETTINGS = {"local_epochs": 1, "lr": 1e-2, "proximal_mu": 0.01, "min_sites": 1, "seed": 3, "dp_noise": SIGMA,
+SETTINGS = {"local_epochs": 1, "dp_lr": 0.05, "proximal_mu": 0.01, "min_sites": 1, "seed": 3, "dp_noise": SIGMA,
             "dp_batch": BATCH}  # fmt: skip
 
 
