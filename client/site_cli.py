@@ -60,6 +60,24 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--ledger", type=Path, help="the ledger file")
     where.add_argument("--manifest", type=Path, help="the site's manifest (ledger in its default place)")
     privacy.add_argument("--site", default="", help="site name (with --manifest, if it holds several)")
+    check = sub.add_parser(
+        "check",
+        help="preflight before joining: data, encoder, site key, coordinator reachable and trusted",
+        description="Check, before joining: the manifest, that every feature file reads, that they were made "
+        "with the federation's encoder and weights, the site key, and that the coordinator is reachable "
+        "outbound with a certificate signed by the consortium's CA. Each failure says what to do. The "
+        "federation's settings come from federation.toml (`fedpath deploy init`); options override them. "
+        "Exit status 1 when a check fails.",
+    )
+    check.add_argument("--manifest", required=True, type=Path, help="this site's cohort manifest (CSV)")
+    check.add_argument("--site", default="", help="site name in the manifest (needed if it holds several)")
+    check.add_argument("--federation", type=Path, help="the consortium's federation.toml (ca.crt beside it)")
+    check.add_argument("--superlink", help="coordinator HOST:PORT (default: from --federation)")
+    check.add_argument("--root-certificates", type=Path, help="consortium CA (default: from --federation)")
+    check.add_argument("--encoder", help="expected encoder name (default: from --federation)")
+    check.add_argument("--weights-sha256", metavar="HEX", help="expected encoder weights SHA-256 (idem)")
+    check.add_argument("--auth-key", type=Path, help="this site's private key (SITE.key) to check")
+    check.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the coordinator")
 
 
 def supernode_command(args: argparse.Namespace, manifest: Path, site: str) -> list[str]:
@@ -87,7 +105,7 @@ def _toml_string(text: str) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    actions = {"start": _start, "privacy": _privacy}
+    actions = {"start": _start, "privacy": _privacy, "check": _check}
     return actions[args.action](args)
 
 
@@ -126,6 +144,49 @@ def _privacy(args: argparse.Namespace) -> int:
     except (PrivacyError, ManifestError, json.JSONDecodeError) as err:
         raise UserError(str(err)) from err
     print(format_ledger(ledger))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from fedpath.client.preflight import run_checks
+    from fedpath.common.consortium import ConsortiumFileError, ca_certificate_path, load_federation
+
+    superlink, ca_file, encoder, weights = (
+        args.superlink,
+        args.root_certificates,
+        args.encoder,
+        args.weights_sha256,
+    )
+    if args.federation is not None:
+        try:
+            federation = load_federation(args.federation)
+        except ConsortiumFileError as err:
+            raise UserError(str(err)) from err
+        superlink = superlink or federation.superlink
+        ca_file = ca_file or ca_certificate_path(args.federation, federation)
+        encoder = federation.encoder if encoder is None else encoder
+        weights = federation.weights_sha256 if weights is None else weights
+    if not superlink:
+        raise UserError("give --federation federation.toml or --superlink HOST:PORT")
+    results = run_checks(
+        args.manifest.resolve(),
+        args.site,
+        superlink=superlink,
+        ca_file=ca_file,
+        encoder=encoder or "",
+        weights_sha256=weights or "",
+        auth_key=args.auth_key,
+        timeout=args.timeout,
+    )
+    for result in results:
+        print(result.render())
+    failed = [r.name for r in results if r.ok is False]
+    if failed:
+        print(
+            f"site check: {len(failed)} problem(s) ({', '.join(failed)}); fix them before `fedpath site start`"
+        )
+        return 1
+    print(f"site check: ready to join {superlink}")
     return 0
 
 

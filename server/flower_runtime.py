@@ -198,8 +198,13 @@ def superlink_command(
     log_file: Path,
     database: Path | None = None,
     tls: Sequence[Path] | None = None,
+    supernode_auth: bool = False,
+    isolation: str = "subprocess",
 ) -> list[str]:
-    """The `flower-superlink` command line with fedpath's defaults; `tls` = (ca.crt, server.pem, server.key)."""
+    """The `flower-superlink` command line with fedpath's defaults; `tls` = (ca.crt, server.pem, server.key);
+    `supernode_auth` admits only SuperNodes whose public key was registered (needs TLS); `isolation="process"`
+    leaves ServerApps to a separately started `flower-superexec` (`superexec_command`), so that a running
+    ServerApp survives a restart of the SuperLink."""
     cmd = [executable("flower-superlink"), "--host", host, "--port", str(port)]
     cmd += ["--disable-runtime-dependency-installation", "--log-file", str(log_file)]
     if tls:
@@ -211,14 +216,41 @@ def superlink_command(
         cmd.append("--simulation")
     if database is not None:
         cmd += ["--database", str(database)]
+    if supernode_auth:
+        if not tls:
+            raise FlowerRuntimeError("SuperNode authentication needs TLS: give the TLS files")
+        cmd.append("--enable-supernode-auth")
+    if isolation != "subprocess":
+        cmd += ["--isolation", isolation]
     return cmd
 
 
+def superexec_command(runtime_address: str, *, root_certificates: Path | None = None) -> list[str]:
+    """`flower-superexec` for a SuperLink started with isolation "process": it launches the ServerApp of
+    every submitted run and, not being the SuperLink's child, outlives a SuperLink restart."""
+    cmd = [executable("flower-superexec"), "--runtime-api-address", runtime_address]
+    if root_certificates is None:
+        return [*cmd, "--insecure"]
+    return [*cmd, "--root-certificates", str(root_certificates)]
+
+
 def wait_healthy(
-    address: str, process: subprocess.Popen[bytes], log_file: Path, timeout: float = 60.0
+    address: str,
+    process: subprocess.Popen[bytes],
+    log_file: Path,
+    timeout: float = 60.0,
+    *,
+    root_certificates: Path | None = None,
 ) -> None:
+    """Wait until the SuperLink answers its health check (over TLS, verified with `root_certificates`)."""
+    import ssl
+
     import httpx
 
+    url = f"{'https' if root_certificates else 'http'}://{address}/health"
+    verify: ssl.SSLContext | bool = (
+        ssl.create_default_context(cafile=str(root_certificates)) if root_certificates else False
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -226,7 +258,7 @@ def wait_healthy(
                 f"flower-superlink exited with code {process.returncode}; see {log_file}"
             )
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://{address}/health", timeout=1.0).is_success:
+            if httpx.get(url, timeout=1.0, verify=verify).is_success:
                 return
         time.sleep(0.2)
     raise FlowerRuntimeError(

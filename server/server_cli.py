@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -31,6 +32,18 @@ def _add_server_arguments(p: argparse.ArgumentParser) -> None:
     start.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for real sites)")
     start.add_argument("--port", type=int, default=8000, help="port of the Fleet, Control and Runtime APIs")
     start.add_argument("--database", type=Path, help="SuperLink state file (default: none, state in memory)")
+    start.add_argument(
+        "--isolation",
+        choices=("subprocess", "process"),
+        default="subprocess",
+        help="process: ServerApps run from a separate flower-superexec (deploy/bin/superexec.sh) and survive "
+        "a SuperLink restart",
+    )
+    start.add_argument(
+        "--enable-supernode-auth",
+        action="store_true",
+        help="admit only sites whose key was registered (`fedpath deploy register`); needs --tls",
+    )
     tls = start.add_mutually_exclusive_group(required=True)
     tls.add_argument(
         "--tls", nargs=3, type=Path, metavar=("CA_CRT", "SERVER_PEM", "SERVER_KEY"), help="TLS files"
@@ -48,6 +61,17 @@ def _run_server(args: argparse.Namespace) -> int:
 
     home = (args.flwr_home or Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))).resolve()
     log_file = home / "superlink.log"
+    if args.enable_supernode_auth and args.insecure:
+        raise UserError(
+            "--enable-supernode-auth needs TLS: replace --insecure with --tls CA_CRT SERVER_PEM SERVER_KEY"
+        )
+    missing = [str(p) for p in (args.tls or []) if not p.is_file()]
+    if missing:
+        raise UserError(
+            f"TLS file not found: {', '.join(missing)} (made by `fedpath deploy init`, coordinator/)"
+        )
+    if args.enable_supernode_auth and args.database is None:
+        print("note: without --database, site registrations are lost when the SuperLink restarts", flush=True)
     cmd = superlink_command(
         host=args.host,
         port=args.port,
@@ -55,11 +79,18 @@ def _run_server(args: argparse.Namespace) -> int:
         log_file=log_file,
         database=args.database.resolve() if args.database else None,
         tls=[p.resolve() for p in args.tls] if args.tls else None,
+        supernode_auth=args.enable_supernode_auth,
+        isolation=args.isolation,
     )
     home.mkdir(parents=True, exist_ok=True)
     print("running:", shlex.join(cmd), flush=True)
     print(f"SuperLink on {args.host}:{args.port}; log in {log_file}; stop with Ctrl-C", flush=True)
+    if args.isolation == "process":
+        print("ServerApps are started by a separate flower-superexec (deploy/bin/superexec.sh)", flush=True)
     process = subprocess.Popen(cmd, env=flower_env(home))
+    # A service manager (systemd, docker stop) sends SIGTERM: pass it on, so the SuperLink shuts down cleanly
+    # instead of being orphaned or killed after the grace period.
+    signal.signal(signal.SIGTERM, lambda *_: process.terminate())
     try:
         return process.wait()
     except KeyboardInterrupt:
@@ -124,6 +155,9 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     dp.add_argument(
         "--dp-clip", type=float, default=1.0, metavar="C", help="per-patient gradient clipping norm"
     )
+    dp.add_argument(
+        "--dp-lr", type=float, default=0.05, metavar="LR", help="learning rate under DP (SGD with momentum)"
+    )
     dp.add_argument("--dp-delta", type=float, default=0.0, metavar="D", help="δ (default 1/(10·patients))")
     dp.add_argument(
         "--dp-batch",
@@ -169,6 +203,7 @@ def run_settings(args: argparse.Namespace, sites: int) -> dict[str, object]:
         "dp_noise": args.dp_noise,
         "dp_epsilon": args.dp_epsilon,
         "dp_clip": args.dp_clip,
+        "dp_lr": args.dp_lr,
         "dp_delta": args.dp_delta,
         "dp_batch": args.dp_batch,
         "dp_budget": args.dp_budget,

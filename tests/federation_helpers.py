@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +19,16 @@ from fedpath.common.bags import bags_from_manifest
 from fedpath.common.manifest import load_manifest, split_patients
 from fedpath.common.metrics import aggregate_by_patient, auroc
 from fedpath.common.runconfig import RunConfig
+from fedpath.server.flower_runtime import (
+    CONNECTION,
+    FlowerProcess,
+    executable,
+    flower_env,
+    free_port,
+    start_process,
+    wait_healthy,
+)
+from fedpath.server.flower_runtime import _marked_pids as marked_pids
 from fedpath.simulation.synth import SynthConfig, synthesize
 
 # Small and easy enough to learn in a few local epochs, large enough for a held-out AUROC per site.
@@ -55,3 +72,78 @@ def mean_auroc(by_site: dict[str, tuple[float, float]]) -> float:
 
 def mean_loss(by_site: dict[str, tuple[float, float]]) -> float:
     return float(np.mean([loss for _, loss in by_site.values()]))
+
+
+# --- deployment: the entry scripts of deploy/bin run bare-metal, as the containers and systemd units run them ---
+
+DEPLOY_BIN = Path(__file__).resolve().parents[1] / "deploy" / "bin"
+
+
+def script_command(script: str, settings: dict[str, str]) -> list[str]:
+    """`env K=V ... bash deploy/bin/SCRIPT`: an entry script with its settings in the environment."""
+    return ["env", *(f"{k}={v}" for k, v in settings.items()), "bash", str(DEPLOY_BIN / script)]
+
+
+def start_coordinator(keys: Path, state: Path, port: int) -> FlowerProcess:
+    """deploy/bin/coordinator.sh on loopback (TLS, site authentication, state database); waits until healthy."""
+    settings = {"FEDPATH_KEYS": str(keys), "FEDPATH_STATE": str(state), "FEDPATH_HOST": "127.0.0.1"}
+    settings["FEDPATH_PORT"] = str(port)
+    log = state / f"coordinator-{time.monotonic_ns()}.out"
+    link = start_process(script_command("coordinator.sh", settings), state, log)
+    try:
+        wait_healthy(f"127.0.0.1:{port}", link.process, log, root_certificates=keys / "ca.crt")
+    except BaseException:
+        link.stop()
+        raise
+    return link
+
+
+def start_superexec(keys: Path, state: Path, port: int) -> FlowerProcess:
+    """deploy/bin/superexec.sh: runs the ServerApps of the coordinator started by `start_coordinator`."""
+    settings = {"FEDPATH_KEYS": str(keys), "FEDPATH_STATE": str(state), "FEDPATH_PORT": str(port)}
+    return start_process(script_command("superexec.sh", settings), state, state / "superexec.out")
+
+
+def start_site(
+    site: str, keys: Path, state: Path, manifest: Path, superlink: str, *, preflight: bool = True
+) -> FlowerProcess:
+    """deploy/bin/site.sh for `site` (its keys folder from `deploy init`), node API on a free loopback port."""
+    settings = {
+        "FEDPATH_SITE": site,
+        "FEDPATH_SUPERLINK": superlink,
+        "FEDPATH_KEYS": str(keys),
+        "FEDPATH_STATE": str(state),
+        "FEDPATH_MANIFEST": str(manifest),
+        "FEDPATH_NODE_PORT": str(free_port()),
+        "FEDPATH_PREFLIGHT": "1" if preflight else "0",
+    }
+    log = state / f"site-{time.monotonic_ns()}.out"
+    return start_process(script_command("site.sh", settings), state, log)
+
+
+def supernodes(flwr_home: Path) -> dict[str, str]:
+    """Node id → status ('online', 'offline', 'registered', ...) as `flwr supernode list` reports them."""
+    cmd = [executable("flwr"), "supernode", "list", CONNECTION, "--format", "json"]
+    done = subprocess.run(cmd, env=flower_env(flwr_home), capture_output=True, text=True, timeout=60)
+    try:
+        reply = json.loads(done.stdout[done.stdout.index("{") :])
+        return {str(n["node-id"]): str(n["status"]) for n in reply["nodes"]}
+    except (ValueError, KeyError, TypeError):
+        raise AssertionError(f"flwr supernode list failed:\n{done.stdout}\n{done.stderr}") from None
+
+
+def kill_hard(process: FlowerProcess) -> None:
+    """SIGKILL a process and everything it started, at once: a crash or a power cut, not a clean stop."""
+    for pid in [process.process.pid, *marked_pids(process.marker)]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    process.process.wait(10)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, poll: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

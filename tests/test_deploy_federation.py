@@ -1,0 +1,290 @@
+"""The deployment as hospital IT runs it, with real processes on loopback: the entry scripts of deploy/bin
+(coordinator.sh: SuperLink with TLS, site authentication and a state database; superexec.sh; site.sh), keys
+and certificates from `fedpath deploy init`, registration with `fedpath deploy register`, runs with
+`fedpath run`. One coordinator serves every scenario of the module; each scenario submits its own run.
+
+Also: what a site's ClientApp replies, inspected field by field, holds only the model weights, scalar
+aggregate metrics and the site's name.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.serde import recorddict_to_proto
+
+from fedpath.client.app import app as client_app
+from fedpath.common.manifest import load_manifest
+from fedpath.common.mil import create_mil
+from fedpath.common.runconfig import SITE_NAME, SITE_RECORD, WEIGHT_KEY, RunConfig
+from fedpath.common.wire import arrays_nbytes, model_to_arrays
+from fedpath.server import flower_runtime as fr
+from fedpath.server.runfolder import RunFolder
+from fedpath.simulation.synth import ENCODER_NAME
+from tests.federation_helpers import (
+    FlowerProcess,
+    kill_hard,
+    make_cohort,
+    start_coordinator,
+    start_site,
+    start_superexec,
+    supernodes,
+    wait_for,
+)
+
+FEDPATH = str(Path(sys.executable).parent / "fedpath")
+SITES = ("site-A", "site-B")
+
+
+@dataclass
+class Deployment:
+    root: Path
+    consortium: Path
+    manifest: Path
+    port: int
+    coordinator: FlowerProcess
+    superexec: FlowerProcess
+    sites: dict[str, FlowerProcess]
+    intruder: FlowerProcess
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def keys(self) -> Path:
+        return self.consortium / "coordinator"
+
+    def site(self, name: str, *, preflight: bool = True) -> FlowerProcess:
+        return start_site(
+            name,
+            self.consortium / "sites" / name,
+            self.root / name,
+            self.manifest,
+            self.address,
+            preflight=preflight,
+        )
+
+    def restart_coordinator(self) -> None:
+        self.coordinator.stop()
+        self.coordinator = start_coordinator(self.keys, self.root / "coordinator", self.port)
+
+    def nodes(self) -> dict[str, str]:
+        return supernodes(self.root / "admin")
+
+    def run(self, name: str, rounds: int, min_sites: int) -> tuple[RunFolder, Path]:
+        """Submit a run with `fedpath run --no-wait`; its folder is written by the ServerApp (superexec)."""
+        out = self.root / name
+        cmd = [FEDPATH, "run", "--superlink", self.address, "--root-certificates", str(self.keys / "ca.crt")]
+        cmd += ["--out", str(out), "--sites", "2", "--in-dim", "16", "--rounds", str(rounds)]
+        cmd += ["--min-sites", str(min_sites), "--lr", "0.01", "--no-wait"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return RunFolder(out), out / "flwr-cli"
+
+    def logs(self) -> str:
+        return "\n".join(f"== {p}\n{p.read_text()[-2500:]}" for p in sorted(self.root.rglob("*.out")))
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """deploy init for three sites; coordinator + superexec; site-A and site-B registered and started;
+    site-C started with a valid key of the consortium that was never registered."""
+    root = tmp_path_factory.mktemp("deployment")
+    manifest = make_cohort(root / "cohort", sites=3, slides=60, shift=0.5)
+    port = fr.free_port()
+    init = [FEDPATH, "deploy", "init", "--sites", "site-A,site-B,site-C", "--address", f"127.0.0.1:{port}"]
+    init += ["--encoder", ENCODER_NAME, "--weights-sha256", "synthetic", "--out", str(root / "consortium")]
+    subprocess.run(init, check=True, capture_output=True, timeout=60)
+    consortium = root / "consortium"
+    keys = consortium / "coordinator"
+    started: list[FlowerProcess] = []
+    deployment: Deployment | None = None
+    try:
+        coordinator = start_coordinator(keys, root / "coordinator", port)
+        started.append(coordinator)
+        superexec = start_superexec(keys, root / "superexec", port)
+        started.append(superexec)
+        register = [FEDPATH, "deploy", "register", "--superlink", f"127.0.0.1:{port}", "--root-certificates"]
+        register += [str(keys / "ca.crt"), "--flwr-home", str(root / "admin")]
+        done = subprocess.run(
+            [*register, *(str(keys / "sites" / f"{s}.pub") for s in SITES)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.count("registered as node") == 2
+        deployment = Deployment(root, consortium, manifest, port, coordinator, superexec, {}, coordinator)
+        for site in (*SITES, "site-C"):
+            process = deployment.site(site)
+            started.append(process)
+            deployment.sites[site] = process
+        deployment.intruder = deployment.sites.pop("site-C")
+        yield deployment
+    finally:
+        # the scenarios replace processes they restart; stop() is a no-op on one already stopped
+        later = [] if deployment is None else [deployment.coordinator, *deployment.sites.values()]
+        for process in [*reversed(started), *later]:
+            process.stop()
+
+
+def _status(cli_home: Path) -> str:
+    """Status of the one run submitted with this CLI home."""
+    import json
+
+    cmd = [fr.executable("flwr"), "ls", fr.CONNECTION, "--format", "json"]
+    done = subprocess.run(cmd, env=fr.flower_env(cli_home), capture_output=True, text=True, timeout=60)
+    runs = json.loads(done.stdout[done.stdout.index("{") :])["runs"]
+    return str(sorted(runs, key=lambda r: r.get("created-at", ""))[-1]["status"])
+
+
+@pytest.mark.slow
+def test_unregistered_site_is_refused(deployment: Deployment) -> None:
+    intruder = deployment.intruder
+    wait_for(lambda: intruder.process.poll() is not None, 90, f"site-C to be refused\n{deployment.logs()}")
+    assert intruder.process.returncode != 0
+    assert "Exit Code: 305" in intruder.log_file.read_text()  # Flower: SuperNode refused by the SuperLink
+    nodes = deployment.nodes()
+    assert sorted(nodes.values()) == ["online", "online"], nodes  # the registered two, and no third
+
+
+@pytest.mark.slow
+def test_run_survives_a_coordinator_restart(deployment: Deployment) -> None:
+    """Both registered sites train over TLS; the SuperLink is restarted during round 2 and the run, kept in
+    its state database and driven by the separate SuperExec, completes with both sites in every round."""
+    folder, cli_home = deployment.run("restart", rounds=2, min_sites=2)
+    wait_for(lambda: len(folder.read_rounds()) >= 1, 180, f"round 1\n{deployment.logs()}")
+    restarted_at = time.time()
+    deployment.restart_coordinator()
+    wait_for(lambda: folder.card_json.exists(), 240, f"the end of the run\n{deployment.logs()}", poll=1)
+    wait_for(
+        lambda: _status(cli_home) == "finished:completed", 60, f"status completed\n{deployment.logs()}", 3
+    )
+
+    lines = folder.read_rounds()
+    assert [line["round"] for line in lines] == [1, 2]
+    assert lines[0]["finished_at"] < restarted_at < lines[1]["finished_at"]  # round 2 spans the restart
+    for line in lines:
+        assert line["aggregated"]
+        assert {s: e["status"] for s, e in line["sites"].items()} == {"site-A": "ok", "site-B": "ok"}
+    # what travelled back from each site per round: the float32 weights plus a small envelope
+    weights = arrays_nbytes(model_to_arrays(create_mil("abmil", in_dim=16, num_classes=2)))
+    for line in lines:
+        for entry in line["sites"].values():
+            assert weights <= entry["bytes_received"] <= 1.05 * weights + 4096, entry
+
+
+@pytest.mark.slow
+def test_killed_site_is_left_out_then_rejoins(deployment: Deployment) -> None:
+    """site-B is killed (SIGKILL, whole tree) during round 2: round 2 is aggregated from site-A alone
+    (min-sites 1); site-B is restarted once the coordinator sees it offline and trains again in the rounds
+    that start after it is back."""
+    folder, cli_home = deployment.run("kill", rounds=4, min_sites=1)
+    wait_for(lambda: len(folder.read_rounds()) >= 1, 180, f"round 1\n{deployment.logs()}")
+    kill_hard(deployment.sites["site-B"])
+    killed_at = time.time()
+    wait_for(
+        lambda: "offline" in deployment.nodes().values(), 150, "the coordinator to see site-B offline", 5
+    )
+    deployment.sites["site-B"] = deployment.site("site-B", preflight=False)
+    wait_for(lambda: sorted(deployment.nodes().values()) == ["online", "online"], 90, "site-B back online", 1)
+    back_at = time.time()
+    wait_for(lambda: folder.card_json.exists(), 300, f"the end of the run\n{deployment.logs()}", poll=1)
+    assert _status(cli_home) == "finished:completed"
+
+    lines = folder.read_rounds()
+    # sites whose training update went into the round (a site may still evaluate in a round it missed)
+    ok = [{s for s, e in line["sites"].items() if e["status"] == "ok" and e["train"]} for line in lines]
+    assert [line["round"] for line in lines] == [1, 2, 3, 4]
+    assert ok[0] == {"site-A", "site-B"}
+    assert lines[1]["finished_at"] > killed_at and ok[1] == {"site-A"} and lines[1]["aggregated"]
+    assert lines[1]["aggregate"]["train"]["loss"] == pytest.approx(
+        lines[1]["sites"]["site-A"]["train"]["loss"]
+    )
+    after = [i for i, line in enumerate(lines) if line["finished_at"] - line["seconds"] > back_at]
+    assert after, f"no round started after site-B came back ({back_at}): {lines}"
+    assert all(ok[i] == {"site-A", "site-B"} for i in after), ok
+
+
+# --- what leaves the site ---------------------------------------------------------------------------------
+
+ALLOWED_METRIC_TYPES = (int, float)
+
+
+def leaks(reply: Message, model: torch.nn.Module, site: str, identifiers: set[str]) -> list[str]:
+    """Everything in a ClientApp reply beyond the model's weights, scalar metrics and the site's name."""
+    problems = []
+    content = reply.content
+    expected_arrays = {"arrays"} if reply.metadata.message_type == "train" else set()
+    if set(content.array_records) != expected_arrays:
+        problems.append(f"array records {sorted(content.array_records)}, expected {sorted(expected_arrays)}")
+    reference = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for record in content.array_records.values():
+        shapes = {k: tuple(a.shape) for k, a in record.items()}
+        if shapes != reference:
+            problems.append(f"arrays other than the model's weights: {sorted(set(shapes) ^ set(reference))}")
+    if set(content.metric_records) != {"metrics"}:
+        problems.append(f"metric records {sorted(content.metric_records)}")
+    for metrics in content.metric_records.values():
+        for key, value in metrics.items():
+            if not isinstance(value, ALLOWED_METRIC_TYPES) or isinstance(value, bool):
+                problems.append(f"metric '{key}' is not a scalar: {type(value).__name__}")
+    if WEIGHT_KEY not in content.metric_records.get("metrics", {}):
+        problems.append(f"no '{WEIGHT_KEY}' count")
+    configs = {name: dict(record) for name, record in content.config_records.items()}
+    if configs != {SITE_RECORD: {SITE_NAME: site}}:
+        problems.append(f"config records beyond the site name: {configs}")
+    wire = recorddict_to_proto(content).SerializeToString()
+    problems += [
+        f"identifier '{i}' in the serialized reply" for i in sorted(identifiers) if i.encode() in wire
+    ]
+    return problems
+
+
+def test_client_replies_hold_only_weights_and_aggregate_metrics(tmp_path: Path) -> None:
+    """The ClientApp (Flower's dispatch, mods included) answers real train and evaluate messages; the replies
+    are inspected record by record and byte by byte for slide and patient identifiers."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    manifest_path = make_cohort(tmp_path / "cohort", sites=2, slides=24, shift=0.5)
+    manifest = load_manifest(manifest_path)
+    identifiers = {s.slide_id for s in manifest.slides} | {s.patient_id for s in manifest.slides}
+    run = RunConfig(in_dim=16, local_epochs=1)
+    torch.manual_seed(0)
+    model = create_mil("abmil", in_dim=16, num_classes=2)
+    node_config: dict[str, bool | float | int | str] = {"manifest": str(manifest_path), "site": "site-A"}
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    try:
+        for kind in ("train", "evaluate"):
+            content = RecordDict(
+                {
+                    "arrays": ArrayRecord(model.state_dict()),
+                    "config": ConfigRecord({"server-round": 1, "proximal-mu": 0.01}),
+                }
+            )
+            msg = Message(content=content, dst_node_id=1, message_type=kind)
+            context = Context(1, 1, node_config, RecordDict(), run.to_flower())
+            reply = client_app(msg, context)
+            assert not reply.has_error(), reply.error
+            assert leaks(reply, model, "site-A", identifiers) == []
+            if kind == "train":
+                nbytes = len(recorddict_to_proto(reply.content).SerializeToString())
+                assert nbytes <= 1.05 * arrays_nbytes(model_to_arrays(model)) + 4096
+                # the inspection can fail: the same reply with one patient id or per-patient scores added
+                doctored = Message(content=reply.content, reply_to=msg)
+                doctored.content.config_records["extra"] = ConfigRecord({"patient": sorted(identifiers)[0]})
+                assert any("identifier" in p for p in leaks(doctored, model, "site-A", identifiers))
+                doctored.content.metric_records["metrics"]["scores"] = [0.1, 0.9]
+                assert any("not a scalar" in p for p in leaks(doctored, model, "site-A", identifiers))
+    finally:
+        TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
