@@ -11,6 +11,18 @@ from fedpath.server.server_cli import add_training_options, check_run_folder, ru
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, type=Path, help="cohort manifest; every site becomes a node")
+    p.add_argument(
+        "--sites-from",
+        "--cohort",
+        dest="sites_from",
+        metavar="S",
+        choices=("manifest", "tcga", "camelyon16"),
+        default="manifest",
+        help="sites from: manifest (its site column), tcga (barcodes), camelyon16 (hospital table)",
+    )
+    p.add_argument(
+        "--min-site-patients", metavar="N", type=int, default=20, help="tcga: smaller sites → 'other'"
+    )
     p.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, round log, model, card)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_training_options(p)
@@ -24,11 +36,24 @@ def _run(args: argparse.Namespace) -> int:
     from fedpath.server.runfolder import RunFolder, load_model
     from fedpath.simulation.simulate import SimulationError, federation_config, held_out_auroc, simulate
 
+    out: Path = args.out.resolve()
+    if args.sites_from != "manifest":
+        from fedpath.simulation.cohorts import CohortError, derive_cohort
+
+        try:
+            cohort = derive_cohort(
+                args.manifest, out / "cohort.csv", source=args.sites_from, min_patients=args.min_site_patients
+            )
+        except CohortError as err:
+            raise UserError(str(err)) from err
+        for note in cohort.notes:
+            print(note)
+        print(f"sites derived ({args.sites_from}) into {cohort.manifest}")
+        args.manifest = cohort.manifest
     try:
         sites = load_manifest(args.manifest).sites
     except ManifestError as err:
         raise UserError(f"invalid manifest:\n{err}") from err
-    out: Path = args.out.resolve()
     try:
         run = federation_config(
             args.manifest, run_dir=out, resume=args.resume, **run_settings(args, len(sites))
@@ -61,7 +86,8 @@ COMMAND = Command(
     help="simulated FedProx federation: one site per manifest site",
     description="Run a FedProx federation on Flower's simulation engine, one simulated site per site of the "
     "manifest, with the same ServerApp and ClientApp as a real deployment. Every round is checkpointed and "
-    "logged in --out; --resume continues an interrupted run from its last checkpoint.",
+    "logged in --out; --resume continues an interrupted run from its last checkpoint. To compare it with "
+    "local-only and pooled training at held-out sites, use `fedpath compare`.",
     add_arguments=_add_arguments,
     run=_run,
 )

@@ -130,23 +130,15 @@ def test_wheel_holds_the_four_rooms_and_the_commands(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_prints_a_table_per_site(tmp_path: Path) -> None:
-    result = run_cli(
-        "demo",
-        "--out",
-        str(tmp_path / "run"),
-        "--sites",
-        "2",
-        "--slides",
-        "40",
-        "--dim",
-        "8",
-        "--tiles-median",
-        "20",
-        "--epochs",
-        "2",
-    )
+    # baselines only: the federated path of the same runner is tested in test_simulator.py (end to end)
+    out = tmp_path / "run"
+    args = ["demo", "--out", str(out), "--sites", "3", "--slides", "40", "--dim", "8", "--rounds", "1"]
+    result = run_cli(*args, "--methods", "local,pooled")
     assert result.returncode == 0, result.stderr
-    for site in ("site-A", "site-B"):
-        assert site in result.stdout
-    assert "AUROC" in result.stdout and str(tmp_path / "run") in result.stdout
-    assert (tmp_path / "run" / "results.csv").exists()
+    table = result.stdout[result.stdout.index("LEAVE-ONE-SITE-OUT") :]
+    for site in ("site-A", "site-B", "site-C"):
+        assert site in table
+    assert "pooled" in table and "local, best hospital" in table
+    assert f"report: {out / 'report.html'}" in result.stdout
+    with (out / "results.csv").open() as f:
+        assert len(f.read().splitlines()) == 1 + 3 * 2 + 3  # header, local:X at 2 sites each, pooled at 3

@@ -1,0 +1,300 @@
+"""Which hospital (site) each slide comes from: the manifest's own `site` column, TCGA tissue source sites,
+or the two CAMELYON16 hospitals.
+
+* ``manifest`` — the `site` column as it is.
+* ``tcga`` — the tissue source site (TSS) code, characters 6-7 of the TCGA barcode (``TCGA-CR-7395-...``),
+  read from the patient id or else the slide id, named with the GDC table (``Source Site``, package data
+  ``data/tcga_tissue_source_sites.tsv``). One institution that submitted to several studies under several
+  codes is one site. Sites with fewer than `min_patients` patients are merged into one site ``other``: too few
+  patients give no usable AUROC at a held-out site. Codes missing from the table keep ``TSS-XX`` as name.
+  Empty patient ids are filled with the 12-character patient barcode.
+* ``camelyon16`` — RUMC or UMCU for each CAMELYON16 slide (``normal_001``, ``tumor_012.tif``, ``test_040``),
+  as FLamby's Fed-Camelyon16 defines its centres (package data ``data/camelyon16_sites.csv``).
+
+`derive_cohort` writes the manifest with the derived `site` column (feature and slide paths made absolute,
+every other column kept) and returns what was done in words, for the report. The derived manifest is then
+loaded and checked like any other, so a patient whose slides land at two sites is an error naming the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fedpath.common.atomic import write_text_atomic
+from fedpath.common.manifest import PATH_COLUMNS, ManifestError, load_manifest
+
+SITE_SOURCES = ("manifest", "tcga", "camelyon16")
+OTHER_SITE = "other"
+TCGA_BARCODE = re.compile(r"^TCGA-([A-Z0-9]{2})-([A-Z0-9]{4})", re.IGNORECASE)
+_CAMELYON16_ID = re.compile(r"^(normal|tumor|test)_(\d{1,3})$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class TissueSourceSite:
+    code: str  # two characters, upper case
+    site: str  # the submitting institution ("Source Site")
+    study: str
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """A manifest whose `site` column says which hospital each slide comes from, and how it was derived."""
+
+    manifest: Path
+    source: str  # one of SITE_SOURCES
+    sites: dict[str, int]  # site → patients, in manifest order
+    notes: tuple[str, ...]  # what was derived or merged, one sentence each (for the report)
+    members: dict[str, list[str]] = field(default_factory=dict)  # site → TSS codes or table names it holds
+
+
+class CohortError(ValueError):
+    """Slides whose site cannot be derived; the message names the file, the lines and what to do."""
+
+
+def _data_text(name: str) -> str:
+    return (resources.files("fedpath.simulation") / "data" / name).read_text(encoding="utf-8")
+
+
+@cache
+def tss_table() -> dict[str, TissueSourceSite]:
+    """The GDC table of TCGA tissue source sites: code → institution and study."""
+    rows = csv.DictReader(io.StringIO(_data_text("tcga_tissue_source_sites.tsv")), delimiter="\t")
+    out = {}
+    for row in rows:
+        code = row["TSS Code"].strip().upper()
+        if len(code) == 2:
+            out[code] = TissueSourceSite(code, row["Source Site"].strip(), row["Study Name"].strip())
+    return out
+
+
+@cache
+def camelyon16_table() -> dict[str, str]:
+    """CAMELYON16 slide id (``normal_001``) → hospital (``RUMC`` or ``UMCU``)."""
+    rows = csv.DictReader(io.StringIO(_data_text("camelyon16_sites.csv")))
+    return {row["slide_id"].strip().lower(): row["site"].strip() for row in rows}
+
+
+def tss_code(barcode: str) -> str | None:
+    """The TSS code of a TCGA barcode (``TCGA-CR-7395-01A`` → ``CR``), or None if it is not one."""
+    found = TCGA_BARCODE.match(barcode.strip())
+    return found.group(1).upper() if found else None
+
+
+def tcga_patient(barcode: str) -> str | None:
+    """The patient part of a TCGA barcode (``TCGA-CR-7395-01A-01-TS1`` → ``TCGA-CR-7395``)."""
+    found = TCGA_BARCODE.match(barcode.strip())
+    return f"TCGA-{found.group(1)}-{found.group(2)}".upper() if found else None
+
+
+def camelyon16_slide(slide_id: str) -> str | None:
+    """Normalised CAMELYON16 slide id: folder and extension dropped, lower case, 3-digit number."""
+    stem = Path(slide_id.strip()).name.split(".")[0]
+    found = _CAMELYON16_ID.match(stem)
+    return f"{found.group(1).lower()}_{int(found.group(2)):03d}" if found else None
+
+
+def merge_small_sites(patients: dict[str, int], min_patients: int) -> dict[str, str]:
+    """Site → site it is kept as: itself, or ``other`` when it has fewer than `min_patients` patients."""
+    return {s: (s if n >= min_patients else OTHER_SITE) for s, n in patients.items()}
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    if not path.is_file():
+        raise CohortError(f"{path}: manifest file does not exist")
+    reader = csv.DictReader(io.StringIO(path.read_text(encoding="utf-8-sig")))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    reader.fieldnames = header
+    rows = [
+        (i + 2, {k: (v or "").strip() for k, v in r.items() if k is not None})
+        for i, r in enumerate(reader)
+        if any((v or "").strip() for k, v in r.items() if k is not None)
+    ]
+    if "slide_id" not in header:
+        raise CohortError(f"{path}: no 'slide_id' column (the header has: {', '.join(header)})")
+    return header, rows
+
+
+def _problems(path: Path, bad: list[tuple[int, str]], what: str, fix: str) -> CohortError:
+    shown = "\n".join(f"{path}, line {line}: {text}" for line, text in bad[:10])
+    more = f"\n... and {len(bad) - 10} more" if len(bad) > 10 else ""
+    return CohortError(f"{len(bad)} slide(s) {what}:\n{shown}{more}\n{fix}")
+
+
+def _tcga(
+    path: Path, rows: list[tuple[int, dict[str, str]]], min_patients: int
+) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    table = tss_table()
+    codes, bad = [], []
+    for line, row in rows:
+        code = tss_code(row.get("patient_id", "")) or tss_code(row["slide_id"])
+        if code is None:
+            bad.append(
+                (line, f"'{row['slide_id']}' (patient '{row.get('patient_id', '')}') is not a TCGA barcode")
+            )
+        else:
+            codes.append(code)
+            if not row.get("patient_id"):
+                row["patient_id"] = tcga_patient(row["slide_id"]) or ""
+            row["tss"] = code
+    if bad:
+        raise _problems(
+            path, bad, "without a TCGA barcode", "--sites-from tcga needs ids like TCGA-CR-7395-01A."
+        )
+    names = [table[c].site if c in table else f"TSS-{c}" for c in codes]
+    unknown = sorted({c for c in codes if c not in table})
+    patients_at: dict[str, set[str]] = defaultdict(set)
+    for name, (_, row) in zip(names, rows, strict=True):
+        patients_at[name].add(row.get("patient_id") or row["slide_id"])
+    counts = {s: len(p) for s, p in patients_at.items()}
+    kept = merge_small_sites(counts, min_patients)
+    members: dict[str, set[str]] = defaultdict(set)
+    for name, code in zip(names, codes, strict=True):
+        members[kept[name]].add(code)
+    merged = sorted(s for s, k in kept.items() if k == OTHER_SITE and s != OTHER_SITE)
+    notes = [
+        f"Sites from TCGA barcodes: tissue source site code → submitting institution (GDC table); "
+        f"{len(counts)} institutions ({len(set(codes))} TSS codes) found."
+    ]
+    if unknown:
+        notes.append(f"TSS codes not in the GDC table kept as their own sites: {', '.join(unknown)}.")
+    if merged:
+        other = sum(counts[s] for s in merged)
+        notes.append(
+            f"{len(merged)} institution(s) with fewer than {min_patients} patients merged into site "
+            f"'{OTHER_SITE}' ({other} patients): {', '.join(merged)}."
+            + (
+                f" '{OTHER_SITE}' itself has fewer than {min_patients} patients."
+                if other < min_patients
+                else ""
+            )
+        )
+    return [kept[n] for n in names], notes, {s: sorted(c) for s, c in members.items()}
+
+
+def _camelyon16(
+    path: Path, rows: list[tuple[int, dict[str, str]]]
+) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    table = camelyon16_table()
+    sites, bad = [], []
+    for line, row in rows:
+        key = camelyon16_slide(row["slide_id"])
+        if key is None or key not in table:
+            bad.append((line, f"'{row['slide_id']}' is not a CAMELYON16 slide id"))
+        else:
+            sites.append(table[key])
+            if not row.get("patient_id"):
+                row["patient_id"] = row["slide_id"]  # CAMELYON16 has one slide per patient
+    if bad:
+        raise _problems(
+            path,
+            bad,
+            "not in the CAMELYON16 table",
+            "expected ids like normal_001, tumor_012.tif or test_040.",
+        )
+    notes = [
+        "Sites from the CAMELYON16 slide table: RUMC (Radboud) or UMCU (Utrecht), as FLamby's Fed-Camelyon16 "
+        "defines its centres."
+    ]
+    return sites, notes, {s: [s] for s in dict.fromkeys(sites)}
+
+
+def derive_cohort(
+    manifest: str | Path, out: str | Path, *, source: str = "manifest", min_patients: int = 20
+) -> Cohort:
+    """Write `out`, the manifest with the `site` column derived from `source` (see the module docstring),
+    load it back (all checks of `load_manifest`) and return the cohort with its notes and sites."""
+    src, out = Path(manifest), Path(out)
+    if source not in SITE_SOURCES:
+        raise CohortError(f"unknown site source '{source}'; choose one of {', '.join(SITE_SOURCES)}")
+    header, rows = _read_rows(src)
+    if not rows:
+        raise CohortError(f"{src}: no slides (a header but no rows)")
+    members: dict[str, list[str]] = {}
+    if source == "manifest":
+        notes = ["Sites from the manifest's site column."]
+        sites = [row.get("site", "") for _, row in rows]
+    elif source == "tcga":
+        sites, notes, members = _tcga(src, rows, min_patients)
+    else:
+        sites, notes, members = _camelyon16(src, rows)
+    base = src.resolve().parent
+    columns = list(dict.fromkeys([*header, "site", "patient_id", *(["tss"] if source == "tcga" else [])]))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for site, (_, row) in zip(sites, rows, strict=True):
+        row["site"] = site
+        for (
+            col
+        ) in PATH_COLUMNS:  # the derived manifest lives elsewhere: keep paths pointing at the same files
+            if row.get(col) and not Path(row[col]).expanduser().is_absolute():
+                row[col] = str((base / row[col]).resolve())
+        writer.writerow([row.get(c, "") for c in columns])
+    write_text_atomic(out, buf.getvalue())
+    try:
+        loaded = load_manifest(out)
+    except ManifestError as err:
+        raise CohortError(f"the manifest derived from {src} ({source} sites) is not valid:\n{err}") from err
+    patients = Counter(s.site for s in {s.patient_id: s for s in loaded.slides}.values())
+    counts = {s: patients[s] for s in loaded.sites}
+    if len(counts) < 2:
+        raise CohortError(
+            f"{src}: {source} sites give only {len(counts)} site ({', '.join(counts)}); a federation needs "
+            "at least 2" + (" (lower --min-site-patients)" if source == "tcga" else "")
+        )
+    return Cohort(out, source, counts, tuple(notes), members)
+
+
+# A synthetic cohort whose sites differ strongly (per-site affine scanner/stain shift of 2 noise SDs) and whose
+# bags are hard enough that data matter (tumour prototype 2 SDs from normal, 5-20% tumour tiles): the setting in
+# which single hospitals transfer badly and a federation has something to gain. Chosen on 4 × 160-slide
+# cohorts (see benchmarks/bench_simulator.py); at shift 3 the best single hospital beat pooled and FedProx.
+STRONG_SHIFT: dict[str, Any] = {
+    "shift": 2.0,
+    "size_skew": 0.0,
+    "prevalence_skew": 0.0,
+    "tiles_median": 60,
+    "tiles_max": 200,
+    "signal": 2.0,
+    "witness_min": 0.05,
+    "witness_max": 0.2,
+}
+
+
+def synthetic_cohort(
+    out: str | Path,
+    *,
+    sites: int,
+    slides: int,
+    dim: int,
+    seed: int = 0,
+    replace_other: bool = False,
+    **knobs: Any,
+) -> Cohort:
+    """A seeded synthetic cohort (`fedpath.simulation.synth`) in `out`, with the `STRONG_SHIFT` knobs unless
+    `knobs` override them. An existing cohort with the same settings is reused; one with other settings is
+    an error (FileExistsError), or replaced when `replace_other`."""
+    from fedpath.simulation.synth import SynthConfig, synthesize
+
+    config = SynthConfig(sites=sites, slides=slides, dim=dim, seed=seed, **{**STRONG_SHIFT, **knobs})
+    try:
+        path = synthesize(Path(out), config, progress=False)
+    except FileExistsError:
+        if not replace_other:
+            raise
+        path = synthesize(Path(out), config, progress=False, overwrite=True)
+    manifest = load_manifest(path)
+    patients = Counter(s.site for s in {s.patient_id: s for s in manifest.slides}.values())
+    note = (
+        f"Synthetic cohort (fedpath synth): {sites} sites, {slides} slides, {dim}-dim features, site shift "
+        f"{config.shift:g}, signal {config.signal:g}, seed {seed}."
+    )
+    return Cohort(path, "synthetic", {s: patients[s] for s in manifest.sites}, (note,), {})

@@ -1,0 +1,809 @@
+"""Cross-site comparison of training methods on identical patient splits: which way of training works at a
+hospital whose patients the model never saw?
+
+Protocols
+    ``loso`` (leave-one-site-out): for every site, train on the other K−1 sites and test on **all** patients
+    of the held-out site (none of them took part in training). ``internal``: train on all sites, test on
+    each site's own held-out test patients (`split_patients`, fraction ``test_fraction``).
+
+Methods (all on the same `split_patients` splits, the same initial weights and the same epoch budget: a site
+trains ``rounds × local_epochs`` epochs over its training patients in every method)
+    ``local`` — one model per training site, alone (`local:SITE`); in LOSO each is tested at every held-out
+    site it did not train on. ``pooled`` — one model on the union of the training sites' training patients
+    (the upper reference: not possible in practice). ``fedavg`` and ``fedprox`` (one run per μ in the grid)
+    — the real ServerApp and ClientApp on Flower's simulation engine, one simulation per held-out site ×
+    seed × variant. ``fedprox-dp`` — FedProx with per-patient DP-SGD at each site, one run per target ε (run
+    config ``dp-epsilon``); its cells are written only when the sites kept a privacy ledger (``privacy/`` in
+    the federation's run folder), so an ε in the report is one that was enforced.
+
+Seeds
+    Seed i trains with seed ``train_seed + i`` (initial weights, data order, every site's local training);
+    internal validation also re-splits patients with split seed ``split_seed + i``; LOSO keeps ``split_seed``
+    (the held-out site is tested whole, the split only picks the training sites' training patients).
+
+The grid and resuming
+    A *job* trains one model and scores it on one or more *cells* (protocol × method × test site × seed).
+    Every finished cell is a folder ``cells/<protocol>/<method>/<test site>/seed-<seed>/`` holding
+    ``predictions.csv`` (patient level, the report's contract), ``rounds.csv`` for federated methods and,
+    written last, ``done.json`` (training and test patients, seeds, seconds). A rerun skips jobs whose cells
+    are all done, and a federation interrupted mid-run resumes from its last round checkpoint
+    (``jobs/.../federation/``). More seeds, methods or μ/ε values may be added to an existing run folder;
+    other training settings may not (``comparison.json`` records them). The report (``predictions.csv``,
+    ``rounds.csv``, ``settings.json``, ``results.csv``, ``report.md``, ``report.html``) is rendered from
+    every finished cell.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fedpath.common.atomic import write_text_atomic
+from fedpath.common.manifest import Manifest, load_manifest, split_patients, write_manifest
+from fedpath.simulation.report import (
+    ALL_SITES,
+    PredictionRow,
+    RoundRow,
+    load_predictions,
+    load_rounds,
+    write_predictions,
+    write_report,
+    write_rounds,
+)
+
+PROTOCOLS = ("loso", "internal")
+METHODS = ("local", "pooled", "fedavg", "fedprox", "fedprox-dp")
+FEDERATED = ("fedavg", "fedprox", "fedprox-dp")
+DONE = "done.json"
+STATE = "comparison.json"
+TEST_PATIENTS = {
+    "loso": "all patients of the held-out site",
+    "internal": "the test split of each site (test_fraction of its patients, stratified by label)",
+}
+# Settings that change what a cell computes: a run folder's cells must all share them.
+TRAINING_KEYS = (
+    "rounds",
+    "local_epochs",
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "max_tiles",
+    "model",
+    "val_fraction",
+    "test_fraction",
+    "train_seed",
+    "split_seed",
+    "dp_clip",
+    "dp_delta",
+    "dp_batch",
+    "dp_budget",
+)
+
+
+class CompareError(RuntimeError):
+    """A comparison that cannot run as asked; the message says what to do."""
+
+
+class CompareConfig(BaseModel):
+    """The grid (protocols × methods × seeds, μ and ε values) and the training settings all methods share."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    protocols: tuple[str, ...] = Field(("loso",), description="loso and/or internal")
+    methods: tuple[str, ...] = Field(("local", "pooled", "fedavg", "fedprox"), description="methods to run")
+    seeds: int = Field(3, ge=1, description="training seeds per cell")
+    mu: tuple[float, ...] = Field((0.01,), description="FedProx μ grid")
+    dp_epsilons: tuple[float, ...] = Field((1.0, 4.0, 8.0), description="ε grid of fedprox-dp (per site)")
+    dp_mu: float | None = Field(
+        None, ge=0, description="FedProx μ of fedprox-dp (default: first of the μ grid)"
+    )
+    rounds: int = Field(10, ge=1, description="federated rounds")
+    local_epochs: int = Field(1, ge=1, description="local epochs per round")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(8, ge=1, description="bags (patients) per optimisation step")
+    max_tiles: int = Field(512, ge=0, description="random tiles per bag in training (0 = all)")
+    model: str = Field("abmil", description="MIL aggregator")
+    val_fraction: float = Field(0.15, ge=0, lt=1)
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    train_seed: int = Field(0, description="training seed of seed 0 (seed i: train_seed + i)")
+    split_seed: int = Field(0, description="split seed (internal seed i: split_seed + i)")
+    dp_clip: float = Field(1.0, gt=0, description="per-patient gradient clipping norm")
+    dp_delta: float = Field(0.0, ge=0, lt=1, description="δ (0 = 1/(10·patients at the site))")
+    dp_batch: int = Field(0, ge=0, description="expected patients per DP-SGD step (0 = batch_size)")
+    dp_budget: float = Field(0.0, ge=0, description="lifetime ε budget per site (0 = the run's ε)")
+    cpus_per_site: int = Field(1, ge=1, description="CPU cores per simulated site")
+
+    @field_validator("protocols", "methods")
+    @classmethod
+    def _known(cls, values: tuple[str, ...], info: Any) -> tuple[str, ...]:
+        known = PROTOCOLS if info.field_name == "protocols" else METHODS
+        unknown = [v for v in values if v not in known]
+        if unknown or not values:
+            raise ValueError(f"{', '.join(unknown) or 'nothing'} given; choose from {', '.join(known)}")
+        return tuple(v for v in known if v in values)  # canonical order, no repeats
+
+    @field_validator("mu", "dp_epsilons")
+    @classmethod
+    def _grid(cls, values: tuple[float, ...], info: Any) -> tuple[float, ...]:
+        if info.field_name == "dp_epsilons" and any(not v > 0 for v in values):
+            raise ValueError(f"every ε must be positive, got {values}")
+        if any(v < 0 or not math.isfinite(v) for v in values):
+            raise ValueError(f"every μ must be a finite number ≥ 0, got {values}")
+        return tuple(dict.fromkeys(values))
+
+    @model_validator(mode="after")
+    def _grids_given(self) -> CompareConfig:
+        if "fedprox" in self.methods and not self.mu:
+            raise ValueError("fedprox needs at least one μ (--mu)")
+        if "fedprox-dp" in self.methods and not self.dp_epsilons:
+            raise ValueError("fedprox-dp needs at least one ε (--dp-epsilons)")
+        return self
+
+    @property
+    def private_mu(self) -> float:
+        return self.dp_mu if self.dp_mu is not None else (self.mu[0] if self.mu else 0.01)
+
+    def training(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in TRAINING_KEYS}
+
+
+# --- the plan -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One trained model scored on one test set: a row of results.csv."""
+
+    protocol: str
+    method: str
+    test_site: str
+    seed: int  # training seed
+    split_seed: int
+    epsilon: float | None
+    test_patients: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One model to train (alone, pooled or federated) and the cells it is scored on."""
+
+    protocol: str
+    family: str  # one of METHODS
+    method: str  # the name in the report: local:SITE, pooled, fedavg, fedprox(mu=…), fedprox-dp(mu=…, eps=…)
+    train_sites: tuple[str, ...]
+    label: str  # which training sites, for folder names: the site (local), without-SITE (loso), all-sites
+    seed: int
+    split_seed: int
+    mu: float
+    epsilon: float | None
+    train_patients: frozenset[str]
+    cells: tuple[Cell, ...]
+
+    @property
+    def federated(self) -> bool:
+        return self.family in FEDERATED
+
+    def describe(self) -> str:
+        tested = sorted({c.test_site for c in self.cells})
+        where = tested[0] if len(tested) == 1 else f"{len(tested)} sites"
+        return (
+            f"{self.protocol} {self.method}: train on {', '.join(self.train_sites)}; test at {where} "
+            f"(seed {self.seed})"
+        )
+
+
+def method_names(config: CompareConfig) -> list[tuple[str, str, float, float | None]]:
+    """(family, report name, μ, ε) of every non-local method variant in the grid."""
+    out: list[tuple[str, str, float, float | None]] = []
+    for family in config.methods:
+        if family == "pooled":
+            out.append((family, "pooled", 0.0, None))
+        elif family == "fedavg":
+            out.append((family, "fedavg", 0.0, None))
+        elif family == "fedprox":
+            out += [(family, f"fedprox(mu={mu:g})", mu, None) for mu in config.mu]
+        elif family == "fedprox-dp":
+            mu = config.private_mu
+            out += [(family, f"fedprox-dp(mu={mu:g}, eps={e:g})", mu, e) for e in config.dp_epsilons]
+    return out
+
+
+def plan(manifest: Manifest, config: CompareConfig) -> list[Job]:
+    """Every job of the grid: baselines first (they are quick), then the federations, seed by seed."""
+    if len(manifest.sites) < 2:
+        raise CompareError(
+            f"{manifest.path}: {len(manifest.sites)} site; a comparison needs at least 2 sites"
+        )
+    jobs: list[Job] = []
+    for protocol in config.protocols:
+        for i in range(config.seeds):
+            split_seed = config.split_seed + (i if protocol == "internal" else 0)
+            jobs += _seed_jobs(manifest, config, protocol, config.train_seed + i, split_seed)
+    return sorted(jobs, key=lambda j: (j.federated, j.seed if j.federated else 0))
+
+
+def _seed_jobs(
+    manifest: Manifest, config: CompareConfig, protocol: str, seed: int, split_seed: int
+) -> list[Job]:
+    """The jobs of one protocol and seed."""
+    sites = manifest.sites
+    splits = split_patients(manifest, val=config.val_fraction, test=config.test_fraction, seed=split_seed)
+    everyone = manifest.patients()
+
+    def tested(site: str) -> frozenset[str]:
+        if protocol == "loso":
+            return frozenset(p for p, slides in everyone.items() if slides[0].site == site)
+        return splits[site].test
+
+    def job(
+        family: str,
+        method: str,
+        train: Sequence[str],
+        label: str,
+        test: Sequence[str],
+        mu: float = 0.0,
+        eps: float | None = None,
+    ) -> Job:
+        return Job(
+            protocol=protocol,
+            family=family,
+            method=method,
+            train_sites=tuple(train),
+            label=label,
+            seed=seed,
+            split_seed=split_seed,
+            mu=mu,
+            epsilon=eps,
+            train_patients=frozenset().union(*(splits[s].train for s in train)),
+            cells=tuple(Cell(protocol, method, t, seed, split_seed, eps, tested(t)) for t in test),
+        )
+
+    jobs = []
+    if "local" in config.methods:
+        for s in sites:
+            jobs.append(
+                job(
+                    "local", f"local:{s}", [s], s, [t for t in sites if t != s] if protocol == "loso" else [s]
+                )
+            )
+    for family, method, mu, eps in method_names(config):
+        if protocol == "internal":
+            jobs.append(job(family, method, sites, "all-sites", sites, mu, eps))
+            continue
+        for held in sites:
+            jobs.append(
+                job(family, method, [s for s in sites if s != held], f"without-{held}", [held], mu, eps)
+            )
+    return jobs
+
+
+# --- folders ------------------------------------------------------------------------------------------------
+
+
+def slug(name: str) -> str:
+    """A folder name for a method or site name: runs of other characters than [A-Za-z0-9._-] become '-'."""
+    return re.sub(r"[^A-Za-z0-9._]+", "-", name).strip("-") or "-"
+
+
+def cell_dir(root: Path, cell: Cell) -> Path:
+    return root / "cells" / cell.protocol / slug(cell.method) / slug(cell.test_site) / f"seed-{cell.seed}"
+
+
+def job_dir(root: Path, job: Job) -> Path:
+    return root / "jobs" / job.protocol / slug(job.method) / slug(job.label) / f"seed-{job.seed}"
+
+
+def check_names(jobs: Sequence[Job]) -> None:
+    """Two different sites or methods must not share a folder name."""
+    for kind, names in (
+        ("site", {s for j in jobs for s in (*j.train_sites, *(c.test_site for c in j.cells))}),
+        ("method", {j.method for j in jobs}),
+    ):
+        by_slug: dict[str, list[str]] = defaultdict(list)
+        for name in names:
+            by_slug[slug(name)].append(name)
+        clashes = [sorted(v) for v in by_slug.values() if len(v) > 1]
+        if clashes:
+            raise CompareError(
+                f"{kind} names {clashes[0]} share the folder name '{slug(clashes[0][0])}'; rename one"
+            )
+
+
+def cohort_fingerprint(manifest: Manifest) -> str:
+    """SHA-256 of the cohort's (slide, patient, site, label) rows (paths left out: a moved cohort matches)."""
+    rows = sorted((s.slide_id, s.patient_id, s.site, s.label) for s in manifest.slides)
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def is_done(root: Path, cell: Cell) -> bool:
+    return (cell_dir(root, cell) / DONE).is_file()
+
+
+def check_state(root: Path, state: dict[str, Any], *, replace_other: bool) -> None:
+    """Refuse (or, for a demo, clear) finished cells made with other training settings or another cohort."""
+    path = root / STATE
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    changed = [f"{k}: {old.get(k)!r} → {v!r}" for k, v in state.items() if old.get(k) != v]
+    if not changed:
+        return
+    if replace_other:
+        for folder in ("cells", "jobs"):
+            shutil.rmtree(root / folder, ignore_errors=True)
+        path.unlink()
+        return
+    raise CompareError(
+        f"{root} holds a comparison made with other settings ({'; '.join(changed)}); use another --out, "
+        f"or delete {root / 'cells'} and {root / 'jobs'} to start over"
+    )
+
+
+# --- training and scoring -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Trained:
+    model: Any  # torch.nn.Module
+    rounds: list[dict[str, Any]]  # round-log lines of a federation, [] for baselines
+    note: str  # where the model is, for done.json
+    privacy: dict[str, Any] = field(default_factory=dict)  # site → ε spent and δ, from its privacy ledger
+
+
+def train_baseline(manifest: Manifest, job: Job, config: CompareConfig) -> Trained:
+    """local / pooled: `train_epochs` outside Flower, with a federation's initial weights and epoch budget."""
+    import torch
+
+    from fedpath.client.training import TrainConfig, train_epochs
+    from fedpath.common.bags import bags_from_manifest
+    from fedpath.common.features import inspect_features
+    from fedpath.common.mil import create_mil
+
+    bags = bags_from_manifest(manifest.for_patients(job.train_patients))
+    if not bags:
+        raise CompareError(f"{job.describe()}: no training patients")
+    first = manifest.slides[0].features
+    assert first is not None
+    torch.manual_seed(job.seed)  # as the coordinator's initial weights (server/federation.initial_weights)
+    model = create_mil(config.model, in_dim=inspect_features(first).dim, num_classes=manifest.num_classes)
+    train_config = TrainConfig(
+        epochs=config.rounds * config.local_epochs,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        batch_size=config.batch_size,
+        max_tiles=config.max_tiles or None,
+        seed=job.seed,
+    )
+    train_epochs(model, bags, train_config)
+    return Trained(model, [], "in memory (not saved)")
+
+
+def federation_manifest(manifest: Manifest, job: Job, folder: Path) -> Path:
+    """The manifest the federation's sites read: the cohort's, or (LOSO) the training sites' rows only,
+    written into the job folder, so the held-out site's files are not even named to the federation."""
+    if set(job.train_sites) == set(manifest.sites):
+        return manifest.path
+    path = folder / "manifest.csv"
+    write_manifest(path, [s for s in manifest.slides if s.site in job.train_sites])
+    classes = load_manifest(path).classes
+    if classes != manifest.classes:
+        raise CompareError(
+            f"{job.describe()}: the training sites hold only the labels {list(classes)} of "
+            f"{list(manifest.classes)}; a LOSO federation needs every class at its training sites"
+        )
+    return path
+
+
+def train_federation(
+    manifest: Manifest, job: Job, config: CompareConfig, folder: Path, say: Callable[[str], None]
+) -> Trained:
+    """FedAvg / FedProx / FedProx+DP on Flower's simulation engine over the job's training sites.
+
+    An interrupted federation resumes from its last checkpoint; a finished one is
+    not run again.
+    """
+    from fedpath.server.runfolder import RunFolder, load_model, resume_conflicts
+    from fedpath.simulation.simulate import SimulationError, federation_config, simulate
+
+    manifest_path = federation_manifest(manifest, job, folder)
+    run_dir = (folder / "federation").resolve()
+    run = federation_config(
+        manifest_path,
+        run_dir=run_dir,
+        resume=True,  # a run cut off in an earlier invocation continues from its last checkpoint
+        num_server_rounds=config.rounds,
+        proximal_mu=job.mu,
+        min_sites=len(job.train_sites),
+        local_epochs=config.local_epochs,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        batch_size=config.batch_size,
+        max_tiles=config.max_tiles,
+        model=config.model,
+        seed=job.seed,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        split_seed=job.split_seed,
+        dp_epsilon=job.epsilon or 0.0,
+        dp_clip=config.dp_clip,
+        dp_delta=config.dp_delta,
+        dp_batch=config.dp_batch,
+        dp_budget=config.dp_budget,
+    )
+    runs = RunFolder(run_dir)
+    latest = runs.latest_checkpoint()
+    if latest is not None and resume_conflicts(latest.config, run.model_dump()):
+        raise CompareError(
+            f"{run_dir} holds a federation with other settings "
+            f"({'; '.join(resume_conflicts(latest.config, run.model_dump()))}); delete {folder} to rerun it"
+        )
+    finished = runs.model.exists() and load_model(runs.model)[1].round == config.rounds
+    if not finished:
+        try:
+            simulate(run, sites=len(job.train_sites), cpus_per_site=config.cpus_per_site, progress=say)
+        except SimulationError as err:
+            raise CompareError(f"{job.describe()}: the federation failed: {err}") from err
+    ledgers = list((run_dir / "privacy").glob("*.json"))
+    if job.epsilon is not None and len(ledgers) < len(job.train_sites):
+        raise CompareError(
+            f"{job.describe()}: {len(ledgers)} of {len(job.train_sites)} sites kept a privacy ledger in "
+            f"{run_dir / 'privacy'}: this fedpath's ClientApp did not apply DP-SGD everywhere, so ε would be a "
+            "claim, not a guarantee; no cell was written. "
+            "Leave fedprox-dp out of --methods until DP training is available."
+        )
+    model, _ = load_model(runs.model)
+    return Trained(model, runs.read_rounds(), str(runs.model), spent_privacy(ledgers))
+
+
+def spent_privacy(ledgers: Sequence[Path]) -> dict[str, Any]:
+    """ε spent (after the last round the site trained) and δ per site, read from the sites' privacy ledgers."""
+    out: dict[str, Any] = {}
+    for path in ledgers:
+        try:
+            ledger = json.loads(path.read_text())
+            entries = ledger.get("entries") or [{}]
+            out[str(ledger.get("site", path.stem))] = {
+                "epsilon": entries[-1].get("epsilon"),
+                "delta": ledger.get("delta"),
+            }
+        except (OSError, ValueError, AttributeError):
+            out[path.stem] = {"epsilon": None, "delta": None, "problem": f"unreadable ledger {path.name}"}
+    return out
+
+
+def score(manifest: Manifest, model: Any, cell: Cell) -> list[PredictionRow]:
+    """Patient-level probabilities of `model` on the cell's test patients (all tiles of every slide)."""
+    from fedpath.client.training import predict
+    from fedpath.common.bags import bags_from_manifest
+    from fedpath.common.metrics import aggregate_by_patient
+
+    pred = predict(model, bags_from_manifest(manifest.for_patients(cell.test_patients)))
+    patients, labels, probs = aggregate_by_patient(pred.patient_ids, pred.labels, pred.probs)
+    return [
+        PredictionRow(
+            cell.protocol,
+            cell.method,
+            cell.test_site,
+            cell.seed,
+            pid,
+            int(y),
+            tuple(map(float, p)),
+            cell.epsilon,
+        )
+        for pid, y, p in zip(patients, labels, probs, strict=True)
+    ]
+
+
+def round_rows(cell: Cell, lines: Sequence[dict[str, Any]]) -> list[RoundRow]:
+    """The round log of a federation as rounds.csv rows: mean training loss and validation AUROC per round."""
+    site = cell.test_site if cell.protocol == "loso" else ALL_SITES
+    out = []
+    for line in lines:
+        aggregate = line.get("aggregate", {})
+        for metric, value in (
+            ("train_loss", aggregate.get("train", {}).get("loss")),
+            ("val_auroc", aggregate.get("evaluate", {}).get("auroc")),
+        ):
+            if isinstance(value, int | float) and math.isfinite(value):
+                out.append(
+                    RoundRow(cell.protocol, cell.method, site, cell.seed, int(line["round"]), metric, value)
+                )
+    return out
+
+
+def write_cell(
+    root: Path, job: Job, cell: Cell, trained: Trained, rows: list[PredictionRow], seconds: float
+) -> None:
+    """predictions.csv (and rounds.csv) first, done.json last: a cell without done.json is not finished."""
+    folder = cell_dir(root, cell)
+    write_predictions(folder / "predictions.csv", rows)
+    rounds = round_rows(cell, trained.rounds)
+    if rounds:
+        write_rounds(folder / "rounds.csv", rounds)
+    done = {
+        "protocol": cell.protocol,
+        "method": cell.method,
+        "test_site": cell.test_site,
+        "seed": cell.seed,
+        "split_seed": cell.split_seed,
+        "epsilon": cell.epsilon,
+        "mu": job.mu if job.family != "local" and job.family != "pooled" else None,
+        "train_sites": list(job.train_sites),
+        "train_patients": sorted(job.train_patients),
+        "test_patients": sorted(cell.test_patients),
+        "model": trained.note,
+        "privacy_spent": trained.privacy,
+        "job": job_dir(root, job).relative_to(root).as_posix(),
+        "job_seconds": round(seconds, 2),
+        "finished_at": time.time(),
+    }
+    write_text_atomic(folder / DONE, json.dumps(done, indent=1) + "\n")
+
+
+# --- the run ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    report: Path  # report.html
+    results: Path  # results.csv
+    cells_run: int
+    cells_skipped: int
+    failed: list[str]  # one line per failed job
+    seconds: float  # wall time of this invocation
+    sweep_seconds: float  # training time of every finished job, earlier invocations included
+
+
+def _eta(remaining: Sequence[Job], durations: dict[bool, list[float]], rounds: int) -> str:
+    guess = {True: 35.0 + 2.0 * rounds, False: 5.0}  # s: Flower start-up + rounds; a baseline (first guess)
+    total = sum(
+        np.mean(durations[j.federated]) if durations[j.federated] else guess[j.federated] for j in remaining
+    )
+    return f"{total / 60:.0f} min" if total >= 90 else f"{total:.0f} s"
+
+
+def run_comparison(
+    manifest_path: Path,
+    out: Path,
+    config: CompareConfig,
+    *,
+    cohort: dict[str, Any] | None = None,
+    replace_other: bool = False,
+    n_boot: int = 1000,
+    say: Callable[[str], None] = print,
+) -> Outcome:
+    """Run every unfinished job of the grid, then render the report from all finished cells in `out`.
+
+    `cohort` (how the sites were derived) goes into settings.json. A failed job is reported and skipped; the
+    others still run and the report shows what finished.
+    """
+    started = time.perf_counter()
+    out = out.resolve()
+    manifest = load_manifest(manifest_path)
+    jobs = plan(manifest, config)
+    check_names(jobs)
+    state = {"cohort": cohort_fingerprint(manifest), **config.training()}
+    check_state(out, state, replace_other=replace_other)
+    write_text_atomic(out / STATE, json.dumps(state, indent=1) + "\n")
+    todo = [j for j in jobs if not all(is_done(out, c) for c in j.cells)]
+    cells_total = sum(len(j.cells) for j in jobs)
+    cells_done = skipped = cells_total - sum(len(j.cells) for j in todo)
+    say(
+        f"grid: {len(jobs)} jobs, {cells_total} cells ({', '.join(config.protocols)} × "
+        f"{len({j.method for j in jobs})} methods × {config.seeds} seed(s)); "
+        + (f"{cells_done} cells already done, " if cells_done else "")
+        + f"{len(todo)} jobs to run"
+    )
+    durations: dict[bool, list[float]] = {True: [], False: []}
+    failed: list[str] = []
+    ran = 0
+    for i, job in enumerate(todo, start=1):
+        eta = _eta(todo[i - 1 :], durations, config.rounds)
+        say(f"\n[job {i}/{len(todo)} · {cells_done}/{cells_total} cells done · ETA {eta}] {job.describe()}")
+        t0 = time.perf_counter()
+        folder = job_dir(out, job)
+        try:
+            if job.federated:
+                trained = train_federation(manifest, job, config, folder, lambda line: say(f"    {line}"))
+            else:
+                trained = train_baseline(manifest, job, config)
+        except CompareError as err:
+            failed.append(str(err))
+            say(f"  FAILED: {err}")
+            continue
+        seconds = time.perf_counter() - t0
+        durations[job.federated].append(seconds)
+        scores = []
+        for cell in job.cells:
+            rows = score(manifest, trained.model, cell)
+            write_cell(out, job, cell, trained, rows, seconds)
+            scores.append(f"{cell.test_site} {_auroc(rows):.3f}")
+        cells_done += len(job.cells)
+        ran += len(job.cells)
+        say(f"  done in {seconds:.0f} s; AUROC at {', '.join(scores)}")
+    say("\nreport: collecting finished cells")
+    results, report = render(out, cohort=cohort, config=config, n_boot=n_boot, say=say)
+    sweep = finished_job_seconds(out)
+    return Outcome(report, results, ran, skipped, failed, time.perf_counter() - started, sweep)
+
+
+def _auroc(rows: Sequence[PredictionRow]) -> float:
+    from fedpath.common.metrics import auroc
+
+    return auroc(np.array([r.label for r in rows]), np.array([r.probs for r in rows]))
+
+
+def _done_files(root: Path) -> list[Path]:
+    return sorted((root / "cells").glob(f"*/*/*/seed-*/{DONE}"))
+
+
+def finished_job_seconds(root: Path) -> float:
+    """Training and scoring seconds of every job with a finished cell (a job scored on several cells counts
+    once), earlier invocations included: the wall time of the sweep without start-up and report."""
+    seconds = {}
+    for marker in _done_files(root):
+        info = json.loads(marker.read_text())
+        seconds[info.get("job", str(marker.parent))] = float(info["job_seconds"])
+    return sum(seconds.values())
+
+
+def render(
+    root: Path,
+    *,
+    cohort: dict[str, Any] | None,
+    config: CompareConfig,
+    n_boot: int = 1000,
+    say: Callable[[str], None] = print,
+) -> tuple[Path, Path]:
+    """Merge every finished cell into the report's inputs and write the report; (results.csv, report.html)."""
+    predictions: list[PredictionRow] = []
+    rounds: list[RoundRow] = []
+    done = _done_files(root)
+    if not done:
+        raise CompareError(f"{root}: no finished cells to report on (see the errors above)")
+    for marker in done:
+        predictions += load_predictions(marker.parent / "predictions.csv")
+        if (marker.parent / "rounds.csv").exists():
+            rounds += load_rounds(marker.parent / "rounds.csv")
+    write_predictions(root / "predictions.csv", predictions)
+    if rounds:
+        write_rounds(root / "rounds.csv", rounds)
+    settings = {
+        "cohort": cohort or {},
+        "protocols": {p: f"test patients: {TEST_PATIENTS[p]}" for p in config.protocols},
+        "training": {
+            **config.training(),
+            "epochs per site": f"{config.rounds * config.local_epochs} (rounds × local epochs), every method",
+            "seeds": "seed i: train_seed + i; internal splits with split_seed + i, loso with split_seed",
+        },
+        "grid": {
+            "methods": list(config.methods),
+            "mu": list(config.mu),
+            "dp_epsilons": list(config.dp_epsilons) if "fedprox-dp" in config.methods else [],
+            "seeds": config.seeds,
+            "finished cells": len(done),
+        },
+        "wall time of the finished jobs (s)": round(finished_job_seconds(root), 1),
+    }
+    write_text_atomic(root / "settings.json", json.dumps(settings, indent=2) + "\n")
+    paths = write_report(root, n_boot=n_boot, progress=lambda s: say(f"report: {s}"))
+    return paths.results, paths.html
+
+
+# --- the headline -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadlineRow:
+    """One line of the headline table: AUROC at each test site (mean over seeds) and over sites and seeds."""
+
+    label: str
+    mean: float  # mean over test sites of the per-site means (equal weight per site)
+    seed_sd: float  # SD over seeds of the per-seed mean over sites (NaN with one seed)
+    by_site: dict[str, float]
+
+
+def _mean(values: Sequence[float]) -> float:
+    """Mean of the finite values; NaN when there are none (an AUROC on a one-class test set is NaN)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _row(label: str, values: dict[tuple[str, int], float]) -> HeadlineRow:
+    sites = sorted({s for s, _ in values})
+    seeds = sorted({k for _, k in values})
+    by_site = {s: _mean([v for (t, _), v in values.items() if t == s]) for s in sites}
+    per_seed = [_mean([v for (_, k), v in values.items() if k == seed]) for seed in seeds]
+    per_seed = [v for v in per_seed if math.isfinite(v)]
+    mean = _mean(list(by_site.values()))
+    return HeadlineRow(
+        label, mean, float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan"), by_site
+    )
+
+
+def headline(results: Path, protocol: str) -> list[HeadlineRow]:
+    """Rows of the headline from results.csv: every non-local method (best first), then the single hospitals
+    summarised as the best local model at each test site (an oracle: it picks the hospital after seeing the
+    test result), the best hospital (the local model with the highest mean over the sites it was tested at;
+    in LOSO not its own) and the mean over hospitals."""
+    import csv
+
+    with results.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["protocol"] == protocol]
+    by_method: dict[str, dict[tuple[str, int], float]] = defaultdict(dict)
+    for r in rows:
+        value = float(r["auroc"]) if r["auroc"] not in ("", "nan") else float("nan")
+        by_method[r["method"]][(r["test_site"], int(r["seed"]))] = value
+    out = [_row(m, v) for m, v in by_method.items() if not m.startswith("local")]
+    out.sort(key=lambda r: -r.mean if math.isfinite(r.mean) else math.inf)
+    local = {m: v for m, v in by_method.items() if m.startswith("local")}
+    if local:
+        best = max(
+            (_row(m, v) for m, v in local.items()), key=lambda r: r.mean if math.isfinite(r.mean) else -1.0
+        )
+        keys = {k for v in local.values() for k in v}
+        at = {k: [v[k] for v in local.values() if k in v and math.isfinite(v[k])] for k in keys}
+        out.append(
+            _row("local, best at each site (oracle)", {k: max(v) if v else math.nan for k, v in at.items()})
+        )
+        out.append(replace(best, label=f"local, best hospital ({best.label.removeprefix('local:')})"))
+        out.append(
+            _row("local, mean of hospitals", {k: float(np.mean(v)) if v else math.nan for k, v in at.items()})
+        )
+    return out
+
+
+def format_headline(rows: Sequence[HeadlineRow], protocol: str) -> str:
+    """The headline as a fixed-width text table."""
+    sites = sorted({s for r in rows for s in r.by_site})
+    width = max([len(r.label) for r in rows] + [6])
+    where = "held-out site" if protocol == "loso" else "site's test patients"
+    lines = [
+        f"AUROC at each {where}, mean over seeds; 'mean': over sites; '± seeds': SD across seeds",
+        f"{'method':<{width}}  {'mean':>5}  {'± seeds':>7}  " + "  ".join(f"{s[:12]:>12}" for s in sites),
+    ]
+    for r in rows:
+        cells = "  ".join(f"{r.by_site[s]:>12.3f}" if s in r.by_site else f"{'—':>12}" for s in sites)
+        sd = f"{r.seed_sd:>7.3f}" if math.isfinite(r.seed_sd) else f"{'—':>7}"
+        lines.append(f"{r.label:<{width}}  {r.mean:>5.3f}  {sd}  {cells}")
+    return "\n".join(lines)
+
+
+def paired_difference(a: HeadlineRow, b: HeadlineRow) -> float:
+    """Mean over the test sites both rows have of (a − b), in AUROC points: a paired comparison on the same
+    held-out sites (the best hospital has no value at its own site)."""
+    diffs = [a.by_site[s] - b.by_site[s] for s in a.by_site if s in b.by_site]
+    diffs = [d for d in diffs if math.isfinite(d)]
+    return float(np.mean(diffs)) if diffs else float("nan")
+
+
+def comparison_lines(rows: Sequence[HeadlineRow]) -> list[str]:
+    """The best non-DP federated method against pooled and against the single hospitals, paired by site."""
+    federated = [r for r in rows if r.label.startswith(("fedprox(", "fedavg")) and math.isfinite(r.mean)]
+    if not federated:
+        return []
+    fed = max(federated, key=lambda r: r.mean)
+    others = {r.label.split(" (")[0]: r for r in rows}
+    out = []
+    for name, text in (
+        ("pooled", "pooled"),
+        ("local, best hospital", "the best hospital alone, at the sites it did not train on"),
+        ("local, best at each site", "the best hospital at each site (oracle)"),
+        ("local, mean of hospitals", "the mean hospital"),
+    ):
+        if name in others:
+            out.append(f"{fed.label} − {text}: {paired_difference(fed, others[name]):+.3f}")
+    return out

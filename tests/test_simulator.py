@@ -1,0 +1,267 @@
+"""The cross-site simulator: cohort site mappings, patient-level splits of every protocol, resuming the grid,
+and a small end-to-end comparison on Flower's simulation engine."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from fedpath.client.site import SiteRef, load_site
+from fedpath.common.manifest import load_manifest, split_patients
+from fedpath.common.runconfig import RunConfig
+from fedpath.simulation import compare
+from fedpath.simulation.cohorts import (
+    OTHER_SITE,
+    CohortError,
+    camelyon16_slide,
+    derive_cohort,
+    synthetic_cohort,
+    tss_code,
+)
+from fedpath.simulation.compare import (
+    CompareConfig,
+    CompareError,
+    cell_dir,
+    federation_manifest,
+    job_dir,
+    plan,
+    run_comparison,
+)
+from tests.helpers import write_csv, write_feature_file
+
+# --- cohorts ------------------------------------------------------------------------------------------------
+
+
+def _slide_list(root: Path, rows: list[tuple[str, str, str]], *, site: str = "x") -> Path:
+    """A manifest of (slide_id, patient_id, label) with tiny real feature files beside it (relative paths)."""
+    (root / "feats").mkdir(parents=True, exist_ok=True)
+    for slide_id, _, _ in rows:
+        write_feature_file(root / "feats" / f"{Path(slide_id).stem}.h5", slide_id=slide_id)
+    body = [[s, p, site, y, f"feats/{Path(s).stem}.h5"] for s, p, y in rows]
+    return write_csv(root / "slides.csv", ["slide_id", "patient_id", "site", "label", "features"], body)
+
+
+def test_tss_code_and_camelyon16_ids_are_parsed() -> None:
+    assert tss_code("TCGA-CR-7395-01A-01-TS1") == "CR"
+    assert tss_code("tcga-a2-a0t2") == "A2"
+    assert tss_code("CR-7395") is None
+    assert camelyon16_slide("Tumor_012.tif") == "tumor_012"
+    assert camelyon16_slide("/data/test_40.tif") == "test_040"
+    assert camelyon16_slide("patient_012") is None
+
+
+def test_tcga_sites_are_institutions_and_small_ones_merge_into_other(tmp_path: Path) -> None:
+    rows = [
+        # Vanderbilt University (CR): 3 patients, one with two slides
+        ("TCGA-CR-0001-01A-01-TS1", "TCGA-CR-0001", "1"),
+        ("TCGA-CR-0001-01A-02-TS2", "TCGA-CR-0001", "1"),
+        ("TCGA-CR-0002-01A-01-TS1", "TCGA-CR-0002", "0"),
+        ("TCGA-CR-0003-01A-01-TS1", "TCGA-CR-0003", "0"),
+        # University of Pittsburgh under two codes (34, 50): one site with 3 patients; patient id left empty
+        ("TCGA-34-0001-01A-01-TS1", "", "1"),
+        ("TCGA-50-0001-01A-01-TS1", "", "0"),
+        ("TCGA-50-0002-01A-01-TS1", "", "1"),
+        # Walter Reed (A2), 1 patient, and a code missing from the GDC table (ZZ), 1 patient: merged
+        ("TCGA-A2-0001-01A-01-TS1", "TCGA-A2-0001", "0"),
+        ("TCGA-ZZ-0001-01A-01-TS1", "TCGA-ZZ-0001", "1"),
+    ]
+    cohort = derive_cohort(
+        _slide_list(tmp_path / "in", rows), tmp_path / "out" / "cohort.csv", source="tcga", min_patients=3
+    )
+    assert cohort.sites == {"Vanderbilt University": 3, "University of Pittsburgh": 3, OTHER_SITE: 2}
+    assert cohort.members["University of Pittsburgh"] == ["34", "50"]
+    assert cohort.members[OTHER_SITE] == ["A2", "ZZ"]
+    notes = " ".join(cohort.notes)
+    assert "Walter Reed" in notes and "TSS-ZZ" in notes and "merged into site 'other'" in notes
+    m = load_manifest(cohort.manifest)
+    by_slide = {s.slide_id: s for s in m.slides}
+    assert by_slide["TCGA-50-0002-01A-01-TS1"].patient_id == "TCGA-50-0002"  # filled from the barcode
+    assert by_slide["TCGA-CR-0001-01A-02-TS2"].extra["tss"] == "CR"
+    assert by_slide["TCGA-A2-0001-01A-01-TS1"].features == (
+        tmp_path / "in" / "feats" / "TCGA-A2-0001-01A-01-TS1.h5"
+    )
+
+
+def test_tcga_sites_need_tcga_barcodes(tmp_path: Path) -> None:
+    rows = [("TCGA-CR-0001-01A", "TCGA-CR-0001", "1"), ("slide-7", "patient-7", "0")]
+    with pytest.raises(CohortError, match=r"line 3: 'slide-7'.*not a TCGA barcode"):
+        derive_cohort(_slide_list(tmp_path, rows), tmp_path / "c.csv", source="tcga")
+
+
+def test_camelyon16_slides_map_to_their_hospital(tmp_path: Path) -> None:
+    rows = [
+        ("normal_001.tif", "", "0"),
+        ("tumor_001.tif", "", "1"),
+        ("test_002", "", "1"),
+        ("normal_101", "", "0"),
+        ("tumor_071", "", "1"),
+        ("test_001", "", "1"),
+    ]
+    cohort = derive_cohort(_slide_list(tmp_path, rows), tmp_path / "c.csv", source="camelyon16")
+    assert cohort.sites == {"RUMC": 3, "UMCU": 3}
+    sites = {s.slide_id: s.site for s in load_manifest(cohort.manifest).slides}
+    assert sites["tumor_001.tif"] == "RUMC" and sites["test_002"] == "RUMC"
+    assert sites["normal_101"] == "UMCU" and sites["test_001"] == "UMCU"
+
+
+def test_camelyon16_rejects_unknown_slides(tmp_path: Path) -> None:
+    rows = [("normal_001", "p1", "0"), ("tumor_999", "p2", "1")]
+    with pytest.raises(CohortError, match=r"line 3: 'tumor_999' is not a CAMELYON16 slide id"):
+        derive_cohort(_slide_list(tmp_path, rows), tmp_path / "c.csv", source="camelyon16")
+
+
+# --- splits: no patient in both training and test -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 sites, 60 slides (some patients with 2-3 slides), 8-dim features."""
+    root = tmp_path_factory.mktemp("cohort")
+    return synthetic_cohort(root, sites=3, slides=60, dim=8, multi_slide_fraction=0.4).manifest
+
+
+def _run_config(manifest: Path, job: compare.Job, config: CompareConfig) -> RunConfig:
+    return RunConfig(
+        in_dim=8,
+        manifest=str(manifest),
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        split_seed=job.split_seed,
+    )
+
+
+@pytest.mark.parametrize("protocol", ["loso", "internal"])
+def test_no_patient_is_in_both_training_and_test(small_cohort: Path, tmp_path: Path, protocol: str) -> None:
+    manifest = load_manifest(small_cohort)
+    config = CompareConfig(protocols=(protocol,), methods=("local", "pooled", "fedprox"), seeds=2)
+    jobs = plan(manifest, config)
+    site_of = {s.patient_id: s.site for s in manifest.slides}
+    assert {j.family for j in jobs} == {"local", "pooled", "fedprox"} and {j.seed for j in jobs} == {0, 1}
+    assert any(len(slides) > 1 for slides in manifest.patients().values())  # multi-slide patients exist
+    for job in jobs:
+        assert job.train_patients, job.describe()
+        for cell in job.cells:
+            assert cell.test_patients and not job.train_patients & cell.test_patients, job.describe()
+            if protocol == "loso":
+                assert cell.test_site not in job.train_sites
+                assert cell.test_patients == {p for p, s in site_of.items() if s == cell.test_site}
+            else:
+                split = split_patients(manifest, seed=cell.split_seed)[cell.test_site]
+                assert cell.test_patients == split.test
+        if job.federated:
+            # what the ClientApp's sites train and validate on, read as the ClientApp reads it
+            path = federation_manifest(manifest, job, tmp_path / compare.slug(job.label) / str(job.seed))
+            assert set(load_manifest(path).sites) == set(job.train_sites)
+            seen_train: set[str] = set()
+            for site in job.train_sites:
+                data = load_site(SiteRef(path, site), _run_config(path, job, config))
+                seen_train |= {b.patient_id for b in data.train}
+                for cell in job.cells:
+                    assert not {b.patient_id for b in data.val} & cell.test_patients
+            assert seen_train == job.train_patients
+    # internal validation re-splits per seed; leave-one-site-out keeps one split
+    assert len({j.split_seed for j in jobs}) == (2 if protocol == "internal" else 1)
+
+
+# --- the grid resumes -------------------------------------------------------------------------------------
+
+
+BASELINES = CompareConfig(methods=("local", "pooled"), seeds=1, rounds=1, protocols=("loso", "internal"))
+
+
+def test_rerun_skips_finished_cells_and_redoes_only_missing_ones(
+    small_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    first = run_comparison(small_cohort, out, BASELINES, n_boot=20, say=lambda _: None)
+    # loso: 3 local models × 2 held-out sites + 3 pooled; internal: 3 local + pooled at 3 sites
+    assert first.cells_run == 15 and not first.failed
+    markers = sorted(out.glob("cells/*/*/*/seed-*/done.json"))
+    assert len(markers) == 15
+    stamps = {p: p.stat().st_mtime_ns for p in markers}
+
+    trained: list[str] = []
+    real = compare.train_baseline
+
+    def counting(manifest, job, config):  # type: ignore[no-untyped-def]
+        trained.append(job.describe())
+        return real(manifest, job, config)
+
+    monkeypatch.setattr(compare, "train_baseline", counting)
+    again = run_comparison(small_cohort, out, BASELINES, n_boot=20, say=lambda _: None)
+    assert trained == [] and again.cells_run == 0 and again.cells_skipped == 15
+    assert {p: p.stat().st_mtime_ns for p in markers} == stamps
+
+    lost = out / "cells" / "loso" / "pooled" / "site-B" / "seed-0" / "done.json"
+    lost.unlink()
+    third = run_comparison(small_cohort, out, BASELINES, n_boot=20, say=lambda _: None)
+    assert trained == ["loso pooled: train on site-A, site-C; test at site-B (seed 0)"]
+    assert third.cells_run == 1 and lost.exists()
+    with (out / "results.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 15
+
+
+def test_other_training_settings_are_refused_not_mixed(small_cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    config = CompareConfig(methods=("pooled",), seeds=1, rounds=1)
+    run_comparison(small_cohort, out, config, n_boot=20, say=lambda _: None)
+    more_seeds = config.model_copy(update={"seeds": 2})  # growing the grid is fine
+    assert run_comparison(small_cohort, out, more_seeds, n_boot=20, say=lambda _: None).cells_run == 3
+    with pytest.raises(CompareError, match=r"other settings \(lr: 0\.003 → 0\.01\)"):
+        run_comparison(small_cohort, out, config.model_copy(update={"lr": 0.01}), say=lambda _: None)
+
+
+def test_config_rejects_unknown_methods() -> None:
+    with pytest.raises(ValueError, match="fedsgd given; choose from local, pooled"):
+        CompareConfig(methods=("local", "fedsgd"))
+
+
+# --- end to end on Flower's simulation engine ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_loso_comparison_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    cohort = synthetic_cohort(tmp_path / "cohort", sites=3, slides=42, dim=8)
+    config = CompareConfig(methods=("local", "pooled", "fedprox"), seeds=1, rounds=1)
+    out = tmp_path / "run"
+    outcome = run_comparison(cohort.manifest, out, config, n_boot=50, say=lambda _: None)
+    assert not outcome.failed and outcome.cells_run == 3 * 2 + 3 + 3
+
+    with outcome.results.open() as f:
+        results = list(csv.DictReader(f))
+    keys = [(r["protocol"], r["method"], r["test_site"], r["seed"]) for r in results]
+    assert len(keys) == len(set(keys)) == 12
+    assert {r["method"] for r in results} == {
+        "local:site-A",
+        "local:site-B",
+        "local:site-C",
+        "pooled",
+        "fedprox(mu=0.01)",
+    }
+    assert {(k[2]) for k in keys if k[1] == "fedprox(mu=0.01)"} == {"site-A", "site-B", "site-C"}
+    assert all(r["protocol"] == "loso" and r["seed"] == "0" and r["auroc"] for r in results)
+    assert (out / "report.md").exists() and (out / "report.html").exists()
+    assert "fedprox(mu=0.01)" in (out / "report.md").read_text()
+
+    # every cell records who trained and who was tested: disjoint, and the held-out site trained nowhere
+    manifest = load_manifest(cohort.manifest)
+    site_of = {s.patient_id: s.site for s in manifest.slides}
+    for marker in out.glob("cells/*/*/*/seed-*/done.json"):
+        done = json.loads(marker.read_text())
+        assert not set(done["train_patients"]) & set(done["test_patients"])
+        assert {site_of[p] for p in done["train_patients"]} == set(done["train_sites"])
+        assert done["test_site"] not in done["train_sites"]
+    fed = job_dir(out, next(j for j in plan(manifest, config) if j.federated and j.label == "without-site-B"))
+    assert "site-B" not in (fed / "manifest.csv").read_text()
+    assert (fed / "federation" / "model.pt").exists()
+    assert (
+        cell_dir(out, next(c for j in plan(manifest, config) for c in j.cells if j.federated)) / "rounds.csv"
+    ).exists()
+    assert (out / "rounds.csv").exists()
+
+    again = run_comparison(cohort.manifest, out, config, n_boot=50, say=lambda _: None)
+    assert again.cells_run == 0 and again.cells_skipped == 12
