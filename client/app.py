@@ -102,7 +102,6 @@ def privacy_config(run: RunConfig, node_config: Mapping[str, object]) -> DPConfi
         noise_multiplier=run.dp_noise or None,
         target_epsilon=run.dp_epsilon or None,
         max_grad_norm=run.dp_clip,
-        delta=run.dp_delta or None,
         expected_batch_size=run.dp_batch or run.batch_size,
         budget_epsilon=budget or None,
     )

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedpath.client.site import SiteConfigError, choose_site
 from fedpath.common.consortium import split_address
 from fedpath.common.features import FeatureFileError, FeatureFileInfo, inspect_features
 from fedpath.common.manifest import Manifest, ManifestError, load_manifest
@@ -59,13 +60,10 @@ def check_manifest(manifest: Path, site: str) -> tuple[Check, Manifest | None]:
     except ManifestError as err:
         fix = "correct the lines named above (see `fedpath manifest check`), then run this check again"
         return Check(name, False, str(err), fix), None
-    sites = full.sites
-    chosen = site or (sites[0] if len(sites) == 1 else "")
-    if chosen not in sites:
-        detail = f"{manifest} has no site '{site}'" if site else f"{manifest} holds several sites"
-        return Check(
-            name, False, f"{detail}; its sites: {', '.join(sites)}", "name this site with --site"
-        ), None
+    try:
+        chosen = choose_site(full, site, how="name this site with --site")
+    except SiteConfigError as err:
+        return Check(name, False, str(err), "name this site with --site"), None
     mine = full.for_site(chosen)
     patients = len(mine.patients())
     detail = f"{manifest}: site {chosen}, {len(mine.slides)} slides, {patients} patients"

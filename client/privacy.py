@@ -68,7 +68,6 @@ class DPConfig(BaseModel):
         None, gt=0, description="calibrate σ so that the planned rounds spend this ε in total"
     )
     max_grad_norm: float = Field(1.0, gt=0, description="per-patient gradient clipping norm C")
-    delta: float | None = Field(None, gt=0, lt=1, description="δ; default 1/(10·patients at the site)")
     expected_batch_size: int = Field(8, ge=1, description="expected patients per step (Poisson sampling)")
     budget_epsilon: float | None = Field(
         None, gt=0, description="the site's lifetime ε budget; default target_epsilon, else unlimited"

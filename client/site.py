@@ -46,19 +46,28 @@ class SiteData:
     num_classes: int
 
 
+def choose_site(manifest: Manifest, site: str, *, how: str) -> str:
+    """`site` if the manifest holds it; when no site is named, the manifest's only site. `how` tells the
+    user how to name one when the manifest holds several."""
+    sites = manifest.sites
+    if not site:
+        if len(sites) != 1:
+            raise SiteConfigError(f"{manifest.path} holds sites {', '.join(sites)}: {how}")
+        return sites[0]
+    if site not in sites:
+        raise SiteConfigError(f"{manifest.path} has no site '{site}'; its sites are {', '.join(sites)}")
+    return site
+
+
 def resolve_site(node_config: Mapping[str, object], run: RunConfig) -> SiteRef:
     """The manifest and site this node plays (see the module docstring)."""
     if "manifest" in node_config:
         manifest = Path(str(node_config["manifest"])).expanduser()
-        site = str(node_config.get("site", ""))
-        if not site:
-            sites = load_manifest(manifest, check_files=False).sites
-            if len(sites) != 1:
-                raise SiteConfigError(
-                    f"{manifest} holds sites {', '.join(sites)}: name this node's site with "
-                    '--node-config \'manifest="..." site="NAME"\''
-                )
-            site = sites[0]
+        site = choose_site(
+            load_manifest(manifest, check_files=False),
+            str(node_config.get("site", "")),
+            how='name this node\'s site with --node-config \'manifest="..." site="NAME"\'',
+        )
         return SiteRef(manifest, site)
     if "partition-id" in node_config:
         if not run.manifest:

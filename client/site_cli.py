@@ -111,15 +111,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def _site_of(manifest: Path, site: str) -> str:
     """The named site, or the manifest's only site."""
+    from fedpath.client.site import SiteConfigError, choose_site
     from fedpath.common.manifest import load_manifest
 
-    sites = load_manifest(manifest, check_files=False).sites
-    chosen = site or (sites[0] if len(sites) == 1 else "")
-    if not chosen:
-        raise UserError(f"{manifest} holds sites {', '.join(sites)}: choose one with --site")
-    if chosen not in sites:
-        raise UserError(f"{manifest} has no site '{chosen}'; its sites are {', '.join(sites)}")
-    return chosen
+    try:
+        return choose_site(load_manifest(manifest, check_files=False), site, how="choose one with --site")
+    except SiteConfigError as err:
+        raise UserError(str(err)) from err
 
 
 def _privacy(args: argparse.Namespace) -> int:

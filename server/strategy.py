@@ -192,7 +192,6 @@ class GuardedFedProx(FedProx):
         self.min_sites = min_sites
         self.round_offset = round_offset
         self.current: RoundRecord | None = None
-        self.rejected: list[dict[str, Any]] = []  # every rejected or failed update of the run
         self.node_sites: dict[int, str] = {}  # node id → site name, learned from replies
 
     def true_round(self, server_round: int) -> int:
@@ -281,7 +280,6 @@ class GuardedFedProx(FedProx):
 
     def _refuse(self, r: int, site: str, entry: SiteRound, status: str, reason: str) -> None:
         entry.status, entry.reason = status, reason
-        self.rejected.append({"round": r, "site": site, "node_id": entry.node_id, "reason": reason})
         log(
             WARNING,
             "round %d: site %s (node %d): %s; the round goes on without it",
