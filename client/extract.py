@@ -19,23 +19,30 @@ import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import openslide
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from fedpath.client.encoders import Encoder
 from fedpath.client.slides import SLIDE_SUFFIXES, SlideInfo, describe_slide, open_slide
-from fedpath.client.tiling import TileGrid, plan_tiles
-from fedpath.client.tissue import TissueMask, background_color, detect_tissue, thumbnail, thumbnail_side
-from fedpath.common.atomic import atomic_path, write_text_atomic
+from fedpath.client.tiling import TileGrid, plan_tiles, tile_read_level
+from fedpath.client.tissue import (
+    TissueMask,
+    background_color,
+    detect_tissue,
+    thumbnail,
+    thumbnail_level,
+    thumbnail_side,
+)
+from fedpath.common.atomic import write_bytes_atomic, write_text_atomic
 from fedpath.common.features import FeatureFileError, FeatureMeta, inspect_features, write_features
 from fedpath.common.manifest import SlideRecord, load_manifest, write_manifest
 from fedpath.common.units import Microns, MicronsPerPixel, TilePixels
@@ -195,79 +202,59 @@ def manifest_record(job: SlideJob, result: SlideResult) -> SlideRecord:
 
 # ----------------------------------------------------------------------------------------------- reading
 
+DECODED_LEVEL_MAX_PX = 32 * 1024 * 1024
+"""A slide whose thumbnail and tiles both come from level 0 (small one-level slides: biopsies, TMA cores) has
+level 0 decoded once for both when it has at most this many pixels (4 bytes each while it is held). Only level 0:
+on coarser levels OpenSlide places regions with sub-pixel precision, so a crop would differ from read_region."""
 
-class TileDataset(Dataset[torch.Tensor]):
-    """The tiles of one slide as uint8 tensors (3, tile_px, tile_px); each worker opens its own handle."""
 
-    def __init__(self, path: Path, grid: TileGrid) -> None:
-        self.path = path
-        self.coords = grid.coords_px
-        self.level = grid.read_level
-        self.read_size = grid.read_size
-        self.tile_px = int(grid.tile_px)
-        self._slide: openslide.AbstractSlide | None = None
-        self._background = (255, 255, 255)
+class TileReader:
+    """Cuts the tiles of `grid` from an open slide as uint8 arrays (tile_px, tile_px, 3).
 
-    def __len__(self) -> int:
-        return int(self.coords.shape[0])
+    decoded: the whole of level 0 (RGBA, as read_region returns it) when it is already in memory and the tiles
+    are read from level 0; they are then cropped from it, pixel for pixel what read_region returns, instead of
+    decoded a second time.
+    """
 
-    def __getstate__(self) -> dict[str, object]:
-        return {**self.__dict__, "_slide": None}  # handles do not cross processes
+    def __init__(
+        self, slide: openslide.AbstractSlide, grid: TileGrid, decoded: Image.Image | None = None
+    ) -> None:
+        self.slide = slide
+        self.grid = grid
+        self.decoded = decoded
+        self.background = background_color(slide)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        if self._slide is None:
-            self._slide = open_slide(self.path)
-            self._background = background_color(self._slide)
-        x, y = (int(v) for v in self.coords[index])
-        region = self._slide.read_region((x, y), self.level, (self.read_size, self.read_size))
+    def region(self, index: int) -> Image.Image:
+        """Tile `index` as read from its pyramid level, before resizing (RGBA)."""
+        x, y = (int(v) for v in self.grid.coords_px[index])
+        size = self.grid.read_size
+        if self.decoded is None:
+            return self.slide.read_region((x, y), self.grid.read_level, (size, size))
+        return self.decoded.crop((x, y, x + size, y + size))  # level 0: what read_region returns
+
+    def tile(self, index: int) -> np.ndarray:
+        region = self.region(index)
         rgb = region.convert("RGB")
         alpha = region.getchannel("A")
         lowest, _ = cast(tuple[int, int], alpha.getextrema())  # one band: (min, max)
         if lowest < 255:  # outside the scanned area: fill with the slide's background
-            rgb = Image.new("RGB", region.size, self._background)
+            rgb = Image.new("RGB", region.size, self.background)
             rgb.paste(region, mask=alpha)
-        if self.read_size != self.tile_px:
-            rgb = rgb.resize((self.tile_px, self.tile_px), Image.Resampling.BILINEAR)
-        return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
+        if rgb.size != (self.grid.tile_px, self.grid.tile_px):
+            rgb = rgb.resize((self.grid.tile_px, self.grid.tile_px), Image.Resampling.BILINEAR)
+        return np.asarray(rgb)
 
-    def close(self) -> None:
-        if self._slide is not None:
-            self._slide.close()
-            self._slide = None
-
-
-def embed_tiles(
-    path: Path, grid: TileGrid, encoder: Encoder, settings: ExtractSettings, label: str
-) -> np.ndarray:
-    """Features (N, dim) float32 of the tiles of `grid` on the slide at `path`, in grid order."""
-    dataset = TileDataset(path, grid)
-    loader = DataLoader(
-        dataset,
-        batch_size=settings.batch_size,
-        num_workers=settings.workers,
-        pin_memory=encoder.device.type == "cuda",
-        prefetch_factor=4 if settings.workers > 0 else None,
-    )
-    out = np.empty((len(grid), encoder.dim), dtype=np.float32)
-    done = 0
-    with tqdm(
-        total=len(grid), desc=label, unit="tile", leave=False, position=1, disable=not settings.progress
-    ) as bar:
-        try:
-            for batch in loader:
-                out[done : done + len(batch)] = encoder.embed(batch).numpy()
-                done += len(batch)
-                bar.update(len(batch))
-        finally:
-            dataset.close()
-    return out
+    def batch(self, start: int, stop: int) -> torch.Tensor:
+        """Tiles [start, stop) as one contiguous uint8 tensor (n, 3, tile_px, tile_px)."""
+        tiles = np.stack([self.tile(i) for i in range(start, stop)])
+        return torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------- QC image
 
 
-def draw_qc(thumb: Image.Image, tissue: TissueMask, grid: TileGrid, info: SlideInfo, path: Path) -> Path:
-    """Save a PNG of the thumbnail with the tissue mask tinted green and the kept tiles outlined in blue."""
+def draw_qc(thumb: Image.Image, tissue: TissueMask, grid: TileGrid, info: SlideInfo) -> bytes:
+    """PNG of the thumbnail with the tissue mask tinted green and the kept tiles outlined in blue."""
     scale = min(1.0, QC_MAX_SIDE / max(thumb.size))
     size = (max(1, round(thumb.width * scale)), max(1, round(thumb.height * scale)))
     base = thumb.resize(size, Image.Resampling.BILINEAR)
@@ -285,22 +272,29 @@ def draw_qc(thumb: Image.Image, tissue: TissueMask, grid: TileGrid, info: SlideI
         f"{info.mpp:.4g} um/px ({info.mpp_source})",
         fill=(0, 0, 0),
     )
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG", compress_level=1)
-    return path
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------ one slide
 
 
-def settings_identity(
-    encoder: Encoder, settings: ExtractSettings, info: SlideInfo
-) -> dict[str, str | float | int]:
-    """Everything that changes a slide's features; two runs with equal identities give the same file."""
+def encoder_identity(encoder: Encoder) -> dict[str, str]:
+    """What of the encoder changes a slide's features."""
     return {
         "encoder": encoder.name,
         "weights_sha256": encoder.weights_sha256,
         "amp": str(encoder.amp_dtype).removeprefix("torch.") if encoder.amp_dtype else "none",
+    }
+
+
+def settings_identity(
+    encoder: dict[str, str], settings: ExtractSettings, info: SlideInfo
+) -> dict[str, str | float | int]:
+    """Everything that changes a slide's features; two runs with equal identities give the same file."""
+    return {
+        **encoder,
         "tile_um": float(settings.tile_um),
         "tile_px": int(settings.tile_px),
         "min_tissue": float(settings.min_tissue),
@@ -325,43 +319,147 @@ def _existing(path: Path, sha: str) -> tuple[bool, int] | None:
     return info.attrs.get("settings_sha256") == sha, info.n_tiles
 
 
-def extract_slide(
-    job: SlideJob, encoder: Encoder, settings: ExtractSettings, layout: OutputLayout
-) -> SlideResult:
-    """Extract one slide; every failure is returned as an `error` result naming the slide, never raised."""
-    start = time.perf_counter()
-    base = SlideResult(slide_id=job.slide_id, slide=job.path, status="error")
-    slide: openslide.AbstractSlide | None = None
-    try:
-        slide = open_slide(job.path)
-        info = describe_slide(
-            slide, job.slide_id, job.path, manifest_mpp=job.mpp, assume_mpp=settings.assume_mpp
-        )
-        base = replace(base, mpp=float(info.mpp), mpp_source=info.mpp_source)
-        identity = settings_identity(encoder, settings, info)
-        sha = identity_sha256(identity)
-        out = layout.features(job.slide_id)
-        existing = None if settings.overwrite else _existing(out, sha)
-        if existing is not None:
-            same, n = existing
-            if same:
-                return replace(
-                    base,
-                    status="skipped",
-                    tiles=n,
-                    features=out,
-                    qc=layout.qc(job.slide_id),
-                    seconds=time.perf_counter() - start,
-                )
-            return replace(
-                base,
-                seconds=time.perf_counter() - start,
-                error=(
-                    f"slide '{job.slide_id}': {out} exists with other extraction settings; pass --overwrite to "
-                    "replace it, or choose another --out"
-                ),
+def error_message(job: SlideJob, err: BaseException) -> str:
+    """One line naming the slide and the cause (our own errors name the slide already)."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    if job.slide_id in first:
+        return first
+    return f"slide '{job.slide_id}' ({job.path}): {type(err).__name__}: {first}"
+
+
+# What a tile-reading worker sends the encoding process, in this order per slide: either Planned, then Tiles
+# batches in grid order, or Ended alone. An Ended after Tiles (a tile failed to decode) cancels the slide.
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A slide ready for encoding: its tiles follow in batches."""
+
+    index: int
+    started: float
+    info: SlideInfo
+    identity: dict[str, str | float | int]
+    grid: TileGrid
+    qc_png: bytes
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tiles [start, start + len(tiles)) of slide `index`, uint8 (n, 3, tile_px, tile_px)."""
+
+    index: int
+    start: int
+    tiles: torch.Tensor
+
+    def pin_memory(self) -> Tiles:  # called by the DataLoader's pinning thread when the encoder is on a GPU
+        return replace(self, tiles=self.tiles.pin_memory())
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A slide that ends without (further) tiles: skipped, no_tiles or error; seconds count from `started`."""
+
+    index: int
+    started: float
+    result: SlideResult
+    qc_png: bytes | None = None
+
+
+Item = Planned | Tiles | Ended
+
+
+class CohortTiles(IterableDataset[Item]):
+    """The slides `order` (indices into `jobs`), each opened, planned and read in a worker process.
+
+    Worker k of n takes order[k::n], one slide after the other, so the preparation of a slide (thumbnail,
+    tissue, grid, QC image) overlaps the encoding of the slides before it, and worker processes live for the
+    whole cohort. Every failure of a slide is sent as an `Ended` error; the worker goes on with its next slide.
+    """
+
+    def __init__(
+        self,
+        jobs: Sequence[SlideJob],
+        order: Sequence[int],
+        encoder: dict[str, str],
+        settings: ExtractSettings,
+        layout: OutputLayout,
+    ) -> None:
+        self.jobs = list(jobs)
+        self.order = list(order)
+        self.encoder = encoder
+        self.settings = settings
+        self.layout = layout
+
+    def __iter__(self) -> Iterator[Item]:
+        worker = get_worker_info()
+        k, n = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        for index in self.order[k::n]:
+            yield from self.slide_items(index)
+
+    def slide_items(self, index: int) -> Iterator[Item]:
+        job, settings = self.jobs[index], self.settings
+        started = time.monotonic()
+        base = SlideResult(slide_id=job.slide_id, slide=job.path, status="error")
+        qc_png: bytes | None = None
+        slide: openslide.AbstractSlide | None = None
+        try:
+            slide = open_slide(job.path)
+            info = describe_slide(
+                slide, job.slide_id, job.path, manifest_mpp=job.mpp, assume_mpp=settings.assume_mpp
             )
-        thumb = thumbnail(slide, thumbnail_side(slide.dimensions, float(settings.tile_um / info.mpp)))
+            base = replace(base, mpp=float(info.mpp), mpp_source=info.mpp_source)
+            identity = settings_identity(self.encoder, settings, info)
+            out = self.layout.features(job.slide_id)
+            existing = None if settings.overwrite else _existing(out, identity_sha256(identity))
+            if existing is not None:
+                same, n = existing
+                result = (
+                    replace(base, status="skipped", tiles=n, features=out, qc=self.layout.qc(job.slide_id))
+                    if same
+                    else replace(
+                        base,
+                        error=(
+                            f"slide '{job.slide_id}': {out} exists with other extraction settings; pass "
+                            "--overwrite to replace it, or choose another --out"
+                        ),
+                    )
+                )
+                yield Ended(index, started, result)
+                return
+            grid, decoded, qc_png, tissue_fraction = self.plan(slide, info)
+            if len(grid) == 0:
+                why = (
+                    "the slide is smaller than one tile"
+                    if min(info.width, info.height) < grid.size_level0
+                    else f"no tile has {settings.min_tissue:.0%} tissue (tissue covers {tissue_fraction:.1%})"
+                )
+                message = f"slide '{job.slide_id}': no tiles: {why}; see {self.layout.qc(job.slide_id)}"
+                yield Ended(index, started, replace(base, status="no_tiles", error=message), qc_png)
+                return
+            yield Planned(index, started, info, identity, grid, qc_png)
+            reader = TileReader(slide, grid, decoded)
+            for start in range(0, len(grid), settings.batch_size):
+                yield Tiles(index, start, reader.batch(start, min(start + settings.batch_size, len(grid))))
+        except Exception as err:  # recorded in the report; the cohort goes on
+            yield Ended(index, started, replace(base, error=error_message(job, err)), qc_png)
+        finally:
+            if slide is not None:
+                slide.close()
+
+    def plan(
+        self, slide: openslide.AbstractSlide, info: SlideInfo
+    ) -> tuple[TileGrid, Image.Image | None, bytes, float]:
+        """(grid, its read level if decoded whole, QC PNG, tissue fraction of the slide): tissue on a
+        thumbnail, then the tile grid."""
+        settings = self.settings
+        side = thumbnail_side(slide.dimensions, float(settings.tile_um / info.mpp))
+        level = thumbnail_level(slide, side)
+        read_level = tile_read_level(info.level_downsamples, info.mpp, settings.tile_um, settings.tile_px)
+        level_w, level_h = slide.level_dimensions[level]
+        decoded = None
+        if level == read_level == 0 and level_w * level_h <= DECODED_LEVEL_MAX_PX:
+            decoded = slide.read_region((0, 0), level, (level_w, level_h))  # once, for thumbnail and tiles
+        thumb = thumbnail(slide, side, decoded)
         tissue = detect_tissue(thumb, slide.dimensions)
         grid = plan_tiles(
             info.width,
@@ -373,56 +471,39 @@ def extract_slide(
             tile_px=settings.tile_px,
             min_tissue=settings.min_tissue,
         )
-        qc = draw_qc(thumb, tissue, grid, info, layout.qc(job.slide_id))
-        if len(grid) == 0:
-            why = (
-                "the slide is smaller than one tile"
-                if min(info.width, info.height) < grid.size_level0
-                else f"no tile has {settings.min_tissue:.0%} tissue (tissue covers {tissue.fraction:.1%})"
-            )
-            return replace(
-                base,
-                status="no_tiles",
-                qc=qc,
-                seconds=time.perf_counter() - start,
-                error=f"slide '{job.slide_id}': no tiles: {why}; see {qc}",
-            )
-        features = embed_tiles(job.path, grid, encoder, settings, label=job.slide_id[:24])
-        meta = FeatureMeta(
-            slide_id=job.slide_id,
-            encoder=encoder.name,
-            weights_sha256=encoder.weights_sha256,
-            tile_size_px=int(settings.tile_px),
-            tile_size_um=float(settings.tile_um),
-            slide_mpp=float(info.mpp),
-            mpp_source=info.mpp_source,
-            random_init=encoder.random_init,
-            extra={
-                "settings_sha256": sha,
-                "settings": json.dumps(identity, sort_keys=True),
-                "weights_source": encoder.weights_source,
-                "read_level": grid.read_level,
-                "tile_size_level0_px": float(grid.size_level0),
-                "slide_width_px": int(info.width),
-                "slide_height_px": int(info.height),
-            },
+        return (
+            grid,
+            decoded if grid.read_level == level else None,
+            draw_qc(thumb, tissue, grid, info),
+            tissue.fraction,
         )
-        write_features(out, features, grid.coords_px, meta, dtype=settings.dtype)
-        return replace(
-            base, status="done", tiles=len(grid), features=out, qc=qc, seconds=time.perf_counter() - start
-        )
-    except Exception as err:  # recorded in the report; the cohort goes on
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
-        if "Traceback" in str(err):  # raised in a DataLoader worker: the last line is the original error
-            message = f"slide '{job.slide_id}' ({job.path}): {lines[-1]}"
-        elif job.slide_id in lines[0]:  # our own errors already name the slide
-            message = lines[0]
-        else:
-            message = f"slide '{job.slide_id}' ({job.path}): {type(err).__name__}: {lines[0]}"
-        return replace(base, error=message, seconds=time.perf_counter() - start)
-    finally:
-        if slide is not None:
-            slide.close()
+
+
+def _pass_through(item: Any) -> Any:
+    """collate_fn for items the dataset has batched already (torch types it for lists of samples)."""
+    return item
+
+
+def _loader(dataset: CohortTiles, workers: int, pin_memory: bool) -> DataLoader[Item]:
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        collate_fn=_pass_through,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if workers > 0 else None,
+        in_order=False,  # take whichever worker is ready: one slow slide does not stall the others
+    )
+
+
+WORKER_CRASH = re.compile(
+    r"DataLoader worker \(pids?(?:\(s\))? [^)]*\) (?:exited unexpectedly|is killed by signal)"
+)
+"""torch's messages when a DataLoader worker process dies."""
+
+
+class WorkerCrash(Exception):
+    """A tile-reading process died (a crash inside a slide library)."""
 
 
 # --------------------------------------------------------------------------------------------- the cohort
@@ -470,22 +551,179 @@ class CohortResult:
         return sum(r.status == status for r in self.results)
 
 
+@dataclass
+class _Open:
+    """A slide being encoded."""
+
+    plan: Planned
+    features: np.ndarray
+    done: int = 0
+
+
+class CohortRun:
+    """The encoding side of an extraction: feature files, QC images, report and manifest, in the main process."""
+
+    def __init__(
+        self, jobs: Sequence[SlideJob], encoder: Encoder, settings: ExtractSettings, layout: OutputLayout
+    ) -> None:
+        self.jobs = list(jobs)
+        self.encoder = encoder
+        self.settings = settings
+        self.layout = layout
+        self.results: dict[int, SlideResult] = {}
+        self.open: dict[int, _Open] = {}
+        self.slides_bar = tqdm(
+            total=len(jobs), desc="slides", unit="slide", position=0, disable=not settings.progress
+        )
+        self.tiles_bar = tqdm(unit="tile", leave=False, position=1, disable=not settings.progress)
+        self.bar_slide = -1
+
+    def run(self) -> None:
+        """Extract every job; after a reader crash, the slides it may have been reading are retried alone."""
+        pending = list(range(len(self.jobs)))
+        workers = self.settings.workers
+        try:
+            while pending:
+                try:
+                    self.consume(pending, workers)
+                except WorkerCrash as crash:
+                    self.open.clear()
+                    suspects = self.in_flight(pending, workers)
+                    for index in suspects:
+                        try:
+                            self.consume([index], 1)
+                        except WorkerCrash:
+                            self.open.clear()
+                            self.end_with_crash(index, crash)
+                pending = [i for i in pending if i not in self.results]
+        finally:
+            self.tiles_bar.close()
+            self.slides_bar.close()
+
+    def in_flight(self, pending: list[int], workers: int) -> list[int]:
+        """The slide each worker was on when one died: its first unfinished slide of its share."""
+        return [
+            share[0]
+            for k in range(max(1, workers))
+            if (share := [i for i in pending[k :: max(1, workers)] if i not in self.results])
+        ]
+
+    def consume(self, order: list[int], workers: int) -> None:
+        dataset = CohortTiles(self.jobs, order, encoder_identity(self.encoder), self.settings, self.layout)
+        loader = _loader(dataset, workers, pin_memory=self.encoder.device.type == "cuda")
+        try:
+            for item in loader:
+                if isinstance(item, Planned):
+                    self.start(item)
+                elif isinstance(item, Tiles):
+                    self.encode(item)
+                else:
+                    self.end(item)
+        except RuntimeError as err:
+            if WORKER_CRASH.search(str(err)):
+                raise WorkerCrash(str(err)) from err
+            raise
+
+    def start(self, plan: Planned) -> None:
+        self.open[plan.index] = _Open(plan, np.empty((len(plan.grid), self.encoder.dim), dtype=np.float32))
+        write_bytes_atomic(self.layout.qc(plan.info.slide_id), plan.qc_png)
+
+    def encode(self, batch: Tiles) -> None:
+        slide = self.open[batch.index]
+        n = len(batch.tiles)
+        slide.features[batch.start : batch.start + n] = self.encoder.embed(batch.tiles).numpy()
+        slide.done += n
+        self.show_progress(batch.index, slide)
+        if slide.done == len(slide.plan.grid):
+            self.finish(self.open.pop(batch.index))
+
+    def show_progress(self, index: int, slide: _Open) -> None:
+        if self.bar_slide != index:
+            self.bar_slide = index
+            self.tiles_bar.reset(total=len(slide.plan.grid))
+            self.tiles_bar.set_description_str(slide.plan.info.slide_id[:24])
+        self.tiles_bar.n = slide.done
+        self.tiles_bar.refresh()
+
+    def finish(self, slide: _Open) -> None:
+        plan, settings = slide.plan, self.settings
+        job, info, grid = self.jobs[plan.index], plan.info, plan.grid
+        out = self.layout.features(job.slide_id)
+        meta = FeatureMeta(
+            slide_id=job.slide_id,
+            encoder=self.encoder.name,
+            weights_sha256=self.encoder.weights_sha256,
+            tile_size_px=int(settings.tile_px),
+            tile_size_um=float(settings.tile_um),
+            slide_mpp=float(info.mpp),
+            mpp_source=info.mpp_source,
+            random_init=self.encoder.random_init,
+            extra={
+                "settings_sha256": identity_sha256(plan.identity),
+                "settings": json.dumps(plan.identity, sort_keys=True),
+                "weights_source": self.encoder.weights_source,
+                "read_level": grid.read_level,
+                "tile_size_level0_px": float(grid.size_level0),
+                "slide_width_px": int(info.width),
+                "slide_height_px": int(info.height),
+            },
+        )
+        write_features(out, slide.features, grid.coords_px, meta, dtype=settings.dtype)
+        result = SlideResult(
+            slide_id=job.slide_id,
+            slide=job.path,
+            status="done",
+            tiles=len(grid),
+            features=out,
+            qc=self.layout.qc(job.slide_id),
+            mpp=float(info.mpp),
+            mpp_source=info.mpp_source,
+        )
+        self.record(plan.index, plan.started, result)
+
+    def end(self, ended: Ended) -> None:
+        self.open.pop(ended.index, None)  # a slide cancelled after some of its tiles were encoded
+        result = ended.result
+        if ended.qc_png is not None:
+            qc = self.layout.qc(result.slide_id)
+            write_bytes_atomic(qc, ended.qc_png)
+            result = replace(result, qc=qc)
+        self.record(ended.index, ended.started, result)
+
+    def end_with_crash(self, index: int, crash: WorkerCrash) -> None:
+        job = self.jobs[index]
+        message = (
+            f"slide '{job.slide_id}' ({job.path}): the slide reader crashed on this slide, twice ({crash}); "
+            "the file may be corrupt or need a newer OpenSlide"
+        )
+        result = SlideResult(slide_id=job.slide_id, slide=job.path, status="error", error=message)
+        self.record(index, time.monotonic(), result)
+
+    def record(self, index: int, started: float, result: SlideResult) -> None:
+        """Keep a slide's result and rewrite the report and manifest (job order) at once."""
+        self.results[index] = replace(result, seconds=time.monotonic() - started)
+        done = sorted(self.results)
+        records = [
+            manifest_record(self.jobs[i], self.results[i])
+            for i in done
+            if self.results[i].features is not None
+        ]
+        if records:
+            write_manifest(self.layout.manifest, records)
+        write_report(self.layout.report, [self.results[i] for i in done])
+        self.slides_bar.set_postfix_str(result.slide_id[:32])
+        self.slides_bar.update()
+
+
 def extract_cohort(
     jobs: Sequence[SlideJob], encoder: Encoder, settings: ExtractSettings, out_dir: Path
 ) -> CohortResult:
-    """Extract every job in order; report and manifest are rewritten after each slide."""
+    """Extract every job; report and manifest (in job order) are rewritten after each slide."""
     layout = OutputLayout(Path(out_dir))
     layout.root.mkdir(parents=True, exist_ok=True)
-    results: list[SlideResult] = []
-    records: list[SlideRecord] = []
-    with tqdm(total=len(jobs), desc="slides", unit="slide", position=0, disable=not settings.progress) as bar:
-        for job in jobs:
-            bar.set_postfix_str(job.slide_id[:32])
-            result = extract_slide(job, encoder, settings, layout)
-            results.append(result)
-            if result.features is not None:
-                records.append(manifest_record(job, result))
-                write_manifest(layout.manifest, records)
-            write_report(layout.report, results)
-            bar.update()
-    return CohortResult(results=results, layout=layout, manifest_written=bool(records))
+    run = CohortRun(jobs, encoder, settings, layout)
+    run.run()
+    results = [run.results[i] for i in range(len(jobs))]
+    return CohortResult(
+        results=results, layout=layout, manifest_written=any(r.features is not None for r in results)
+    )

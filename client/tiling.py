@@ -46,6 +46,13 @@ def best_level(level_downsamples: Sequence[float], downsample: float) -> int:
     return max(fits, key=lambda i: level_downsamples[i]) if fits else 0
 
 
+def tile_read_level(
+    level_downsamples: Sequence[float], mpp: MicronsPerPixel, tile_um: Microns, tile_px: TilePixels
+) -> int:
+    """The pyramid level tiles of `tile_um` µm at `tile_px` px are read from on a slide of `mpp` µm/px."""
+    return best_level(level_downsamples, tile_um / mpp / tile_px)
+
+
 def grid_positions(length: SlidePixels, size_level0: float) -> np.ndarray:
     """Left (or top) edges in level-0 px of the whole tiles that fit along a side of `length` px."""
     n = math.floor(length / size_level0 + 1e-9)
@@ -90,7 +97,7 @@ def plan_tiles(
     coords = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.int64).reshape(-1, 2)
     fractions = tissue_fractions(tissue, coords, size_level0) if len(coords) else np.zeros(0)
     keep = fractions >= min_tissue
-    level = best_level(level_downsamples, size_level0 / tile_px)
+    level = tile_read_level(level_downsamples, mpp, tile_um, tile_px)
     read_size = max(1, round(size_level0 / level_downsamples[level]))
     return TileGrid(
         coords_px=coords[keep],

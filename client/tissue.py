@@ -47,23 +47,39 @@ def thumbnail_side(slide_size: tuple[int, int], tile_level0: float) -> int:
     return min(max(wanted, THUMB_SIDES[0]), THUMB_SIDES[1], max(slide_size))
 
 
-def thumbnail(slide: openslide.AbstractSlide, max_side: int) -> Image.Image:
+def thumbnail_level(slide: openslide.AbstractSlide, max_side: int) -> int:
+    """The pyramid level `thumbnail` reads for a thumbnail of at most `max_side` px."""
+    return int(slide.get_best_level_for_downsample(max(1.0, max(slide.dimensions) / max_side)))
+
+
+def thumbnail(
+    slide: openslide.AbstractSlide, max_side: int, decoded: Image.Image | None = None
+) -> Image.Image:
     """The whole slide as an RGB image no larger than `max_side` px on its longest side.
 
-    Read from the coarsest sufficient pyramid level in strips, each box-reduced by an integer factor before
-    the final resize, so memory stays bounded and transparency is filled with the slide's background colour.
+    Read from the coarsest sufficient pyramid level (`thumbnail_level`) in strips, each box-reduced by an
+    integer factor before the final resize, so memory stays bounded and transparency is filled with the slide's
+    background colour. `decoded`: that whole level as read_region returns it (RGBA), when the caller has it
+    already; its strips are then cut from it instead of decoded again.
     """
     width, height = slide.dimensions
     downsample = max(1.0, max(width, height) / max_side)
     size = (max(1, round(width / downsample)), max(1, round(height / downsample)))
-    level = slide.get_best_level_for_downsample(downsample)
+    level = thumbnail_level(slide, max_side)
     level_w, level_h = slide.level_dimensions[level]
+    if decoded is not None and decoded.size != (level_w, level_h):
+        raise ValueError(f"decoded level is {decoded.size} px, level {level} is {(level_w, level_h)} px")
     level_ds = slide.level_downsamples[level]
     factor = max(1, int(downsample / level_ds))
     rows = max(factor, STRIP_ROWS // factor * factor)
     reduced = Image.new("RGBA", (math.ceil(level_w / factor), math.ceil(level_h / factor)))
     for top in range(0, level_h, rows):
-        strip = slide.read_region((0, round(top * level_ds)), level, (level_w, min(rows, level_h - top)))
+        strip_h = min(rows, level_h - top)
+        strip = (
+            decoded.crop((0, top, level_w, top + strip_h))
+            if decoded is not None
+            else slide.read_region((0, round(top * level_ds)), level, (level_w, strip_h))
+        )
         reduced.paste(strip.reduce(factor) if factor > 1 else strip, (0, top // factor))
     rgba = reduced.resize(size, Image.Resampling.BILINEAR)
     out = Image.new("RGB", size, background_color(slide))

@@ -10,20 +10,25 @@ import contextlib
 import csv
 import hashlib
 import io
+import os
+import resource
 import shutil
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import openslide
 import pytest
 import timm
 import torch
 from PIL import Image
+from torch.utils.data import get_worker_info
 
 from fedpath.client.encoders import Encoder, EncoderError, load_encoder
-from fedpath.client.extract import ExtractSettings, SlideResult, extract_cohort, find_jobs
-from fedpath.client.slides import MissingMPPError, open_slide, resolve_mpp
+from fedpath.client.extract import ExtractSettings, SlideResult, TileReader, extract_cohort, find_jobs
+from fedpath.client.slides import MissingMPPError, describe_slide, open_slide, resolve_mpp
 from fedpath.client.tiling import best_level, plan_tiles
 from fedpath.client.tissue import detect_tissue, thumbnail, thumbnail_side
 from fedpath.common.cli import main as fedpath_main
@@ -298,6 +303,81 @@ def test_a_tile_that_fails_to_decode_in_a_worker_is_reported(tmp_path: Path, enc
     assert "DataLoader" not in result.error  # the cause, not the wrapper
     assert (tmp_path / "out" / "qc" / "tcga_damaged.png").is_file()
     assert not (tmp_path / "out" / "features").exists()
+
+
+def _crash_on(name: str) -> Callable[[Path], openslide.AbstractSlide]:
+    """open_slide, except that a tile-reading process opening `name` dies of a segmentation fault."""
+
+    def opener(path: Path) -> openslide.AbstractSlide:
+        if Path(path).name == name and get_worker_info() is not None:
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file
+            os.kill(os.getpid(), signal.SIGSEGV)  # as a crash inside a slide library would
+        return open_slide(path)
+
+    return opener
+
+
+def test_a_reader_crash_fails_that_slide_only(
+    tmp_path: Path, encoder: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = slide_folder(tmp_path)
+    for name in ("a_core", "b_crash", "c_core", "d_core"):
+        stained_core(folder / f"{name}.png")
+    monkeypatch.setattr("fedpath.client.extract.open_slide", _crash_on("b_crash.png"))  # workers are forked
+    cohort = extract_cohort(
+        find_jobs(folder), encoder, settings(workers=2, **CORE_SETTINGS), tmp_path / "out"
+    )
+    results = by_id(cohort.results)
+    assert results["b_crash"].status == "error"
+    assert "crashed" in results["b_crash"].error and "b_crash" in results["b_crash"].error
+    assert [results[n].status for n in ("a_core", "c_core", "d_core")] == [
+        "done"
+    ] * 3  # d was on the other worker
+    assert list(report_rows(tmp_path / "out" / "extraction_report.csv")) == [
+        "a_core",
+        "b_crash",
+        "c_core",
+        "d_core",
+    ]
+
+
+def test_several_workers_give_the_same_files_in_job_order(tmp_path: Path, encoder: Encoder) -> None:
+    folder = slide_folder(tmp_path, CMU, TCGA, TINY)
+    stained_core(folder / "core.png")
+    base = settings(assume_mpp=MicronsPerPixel(ASSUMED_MPP), batch_size=5)
+    alone = extract_cohort(find_jobs(folder), encoder, base, tmp_path / "w0")
+    together = extract_cohort(find_jobs(folder), encoder, replace(base, workers=2), tmp_path / "w2")
+    assert [r.slide_id for r in together.results] == [j.slide_id for j in find_jobs(folder)]
+    assert [(r.status, r.tiles) for r in together.results] == [(r.status, r.tiles) for r in alone.results]
+    assert list(report_rows(tmp_path / "w2" / "extraction_report.csv")) == [r.slide_id for r in alone.results]
+    done = [r for r in alone.results if r.status == "done"]
+    assert len(done) == 3
+    for r in done:
+        a, b = read_features(r.features), read_features(tmp_path / "w2" / "features" / f"{r.slide_id}.h5")
+        np.testing.assert_array_equal(a.coords_px, b.coords_px)
+        np.testing.assert_allclose(a.features, b.features, rtol=1e-5, atol=1e-5)
+
+
+def test_level0_decoded_once_gives_the_tiles_read_region_gives() -> None:
+    slide = open_slide(CMU)
+    info = describe_slide(slide, "cmu", CMU)
+    side = thumbnail_side(slide.dimensions, TILE_UM / info.mpp)
+    decoded = slide.read_region((0, 0), 0, slide.dimensions)
+    thumb = thumbnail(slide, side)
+    assert np.array_equal(np.asarray(thumb), np.asarray(thumbnail(slide, side, decoded)))
+    grid = plan_tiles(
+        info.width,
+        info.height,
+        info.mpp,
+        info.level_downsamples,
+        detect_tissue(thumb, slide.dimensions),
+        tile_um=TILE_UM,
+        tile_px=TILE_PX,
+        min_tissue=MIN_TISSUE,
+    )
+    assert grid.read_level == 0 and len(grid) > 5
+    fresh, cropped = TileReader(slide, grid), TileReader(slide, grid, decoded)
+    assert torch.equal(fresh.batch(0, len(grid)), cropped.batch(0, len(grid)))
 
 
 def test_resume_skips_finished_slides_and_overwrite_redoes_them(tmp_path: Path, encoder: Encoder) -> None:
