@@ -25,7 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -172,6 +172,9 @@ def main() -> None:
     )
     p.add_argument("--assume-mpp", type=float, default=0.5, help="MPP for the TCGA slide, which has none")
     p.add_argument("--workers", type=int, help="tile-reading processes (default: as fedpath extract)")
+    p.add_argument(
+        "--reader-nice", type=int, help="priority drop of the readers (default: as fedpath extract)"
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
@@ -196,9 +199,11 @@ def main() -> None:
         overwrite=True,
         progress=False,
     )
+    if args.reader_nice is not None:
+        settings = replace(settings, reader_nice=args.reader_nice)
     print(
         f"encoder {args.encoder} (random init) on {encoder.device}, batch {args.batch_size}, {tile_um:g} µm → "
-        f"{args.tile_px} px tiles, {workers} reading workers, {torch.get_num_threads()} torch threads, "
+        f"{args.tile_px} px tiles, {workers} reading workers at nice +{settings.reader_nice}, {torch.get_num_threads()} torch threads, "
         f"{args.repeats} repeats"
     )
     with tempfile.TemporaryDirectory(prefix="fedpath-bench-slides-") as tmp:

@@ -27,7 +27,14 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 
 from fedpath.client.encoders import Encoder, EncoderError, load_encoder
-from fedpath.client.extract import ExtractSettings, SlideResult, TileReader, extract_cohort, find_jobs
+from fedpath.client.extract import (
+    READER_NICE,
+    ExtractSettings,
+    SlideResult,
+    TileReader,
+    extract_cohort,
+    find_jobs,
+)
 from fedpath.client.slides import MissingMPPError, describe_slide, open_slide, resolve_mpp
 from fedpath.client.tiling import best_level, plan_tiles
 from fedpath.client.tissue import detect_tissue, thumbnail, thumbnail_side
@@ -339,6 +346,26 @@ def test_a_reader_crash_fails_that_slide_only(
         "c_core",
         "d_core",
     ]
+
+
+def test_readers_run_at_a_lower_priority_than_the_encoder(
+    tmp_path: Path, encoder: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = tmp_path / "reader-niceness.txt"
+
+    def opener(path: Path) -> openslide.AbstractSlide:
+        seen.write_text(str(os.nice(0)))  # in the reading process
+        return open_slide(path)
+
+    folder = slide_folder(tmp_path)
+    stained_core(folder / "core.png")
+    monkeypatch.setattr("fedpath.client.extract.open_slide", opener)
+    base = settings(workers=1, **CORE_SETTINGS)
+    assert extract_cohort(find_jobs(folder), encoder, base, tmp_path / "o1").results[0].status == "done"
+    assert int(seen.read_text()) == min(19, os.nice(0) + READER_NICE)  # a forked reader starts at ours
+    unchanged = replace(base, reader_nice=0)
+    assert extract_cohort(find_jobs(folder), encoder, unchanged, tmp_path / "o2").results[0].status == "done"
+    assert int(seen.read_text()) == os.nice(0)
 
 
 def test_several_workers_give_the_same_files_in_job_order(tmp_path: Path, encoder: Encoder) -> None:
