@@ -1,8 +1,11 @@
 """Slides → tissue tiles → features: the site's preprocessing pipeline behind ``fedpath extract``.
 
 Per slide: open it and settle its MPP, detect tissue on a thumbnail, plan a grid of physical-size tiles, draw
-a QC thumbnail, then read the tiles in DataLoader worker processes (so reading overlaps with the encoder, and a
-crash in a slide library takes down a worker, not the run) and write one feature file atomically.
+a QC thumbnail, read the tiles, encode them and write one feature file atomically. Everything up to reading runs
+in worker processes (`CohortTiles`, one DataLoader for the whole cohort), a slide after the other per worker, so
+the next slides are prepared and read while the encoder works on the current ones; the main process
+(`CohortRun`) only encodes and writes. A crash in a slide library takes down a worker, not the run: the slides
+the workers were on are retried alone, and one that crashes again is reported as an error.
 
 Outputs under OUT: ``features/<slide_id>.h5`` (fedpath layout), ``qc/<slide_id>.png``, ``manifest.csv`` (the
 slides with features) and ``extraction_report.csv`` (one row per slide). Manifest and report are rewritten
