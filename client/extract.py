@@ -464,8 +464,9 @@ class CohortTiles(IterableDataset[Item]):
     def plan(
         self, slide: openslide.AbstractSlide, info: SlideInfo
     ) -> tuple[TileGrid, Image.Image | None, bytes, float]:
-        """(grid, its read level if decoded whole, QC PNG, tissue fraction of the slide): tissue on a
-        thumbnail, then the tile grid."""
+        """(grid, level 0 when decoded whole for thumbnail and tiles alike, QC PNG, tissue fraction of the
+        slide): tissue on a thumbnail, then the tile grid (read from `read_level`: plan_tiles uses the same
+        rule)."""
         settings = self.settings
         side = thumbnail_side(slide.dimensions, float(settings.tile_um / info.mpp))
         level = thumbnail_level(slide, side)
@@ -486,12 +487,7 @@ class CohortTiles(IterableDataset[Item]):
             tile_px=settings.tile_px,
             min_tissue=settings.min_tissue,
         )
-        return (
-            grid,
-            decoded if grid.read_level == level else None,
-            draw_qc(thumb, tissue, grid, info),
-            tissue.fraction,
-        )
+        return grid, decoded, draw_qc(thumb, tissue, grid, info), tissue.fraction
 
 
 def _pass_through(item: Any) -> Any:
