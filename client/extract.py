@@ -605,13 +605,11 @@ class CohortRun:
                 try:
                     self.consume(pending, workers)
                 except WorkerCrash as crash:
-                    self.open.clear()
                     suspects = self.in_flight(pending, workers)
                     for index in suspects:
                         try:
                             self.consume([index], 1)
                         except WorkerCrash:
-                            self.open.clear()
                             self.end_with_crash(index, crash)
                 pending = [i for i in pending if i not in self.results]
         finally:
@@ -641,6 +639,7 @@ class CohortRun:
                     self.end(item)
         except RuntimeError as err:
             if WORKER_CRASH.search(str(err)):
+                self.open.clear()  # what the dead worker had sent of its slide is incomplete
                 raise WorkerCrash(str(err)) from err
             raise
 
