@@ -10,6 +10,7 @@ encoder (name and weights checksum) the federation's features were extracted wit
     ca-certificate = "ca.crt"                 # relative to this file's folder
     encoder = "hf-hub:MahmoodLab/uni"         # tile encoder of every site's feature files ("" = not pinned)
     weights-sha256 = "3f1c..."                # SHA-256 of the encoder weights, as the feature files record it
+    app-signers = ["ssh-ed25519 AAAA... fedpath-app-signing"]  # keys whose signed apps the sites run
 
 An unknown or misspelt key is an error, not a silently ignored one.
 """
@@ -53,6 +54,9 @@ class Federation(BaseModel):
     ca_certificate: str = "ca.crt"
     encoder: str = ""
     weights_sha256: str = ""
+    app_signers: list[str] = Field(
+        default_factory=list, description="Ed25519 public keys (OpenSSH) whose signed app bundles sites run"
+    )
 
     @field_validator("superlink")
     @classmethod
@@ -79,6 +83,18 @@ class Federation(BaseModel):
         if value != value.strip() or " " in value:
             raise ValueError(f"'{value}' is not a checksum (a SHA-256 hex digest has no spaces)")
         return value.lower()
+
+    @field_validator("app_signers")
+    @classmethod
+    def _signers(cls, value: list[str]) -> list[str]:
+        from fedpath.common.appsign import AppSignatureError, load_public_key
+
+        for key in value:
+            try:
+                load_public_key(key)
+            except AppSignatureError as err:
+                raise ValueError(str(err)) from err
+        return value
 
     def to_toml(self) -> str:
         return tomli_w.dumps({k.replace("_", "-"): v for k, v in self.model_dump().items()})

@@ -3,7 +3,7 @@
 `init` runs once, on the consortium administrator's machine, and writes one folder per destination::
 
     OUT/admin/            ca.key, ca.crt           stays with the administrator (offline); never copied
-    OUT/coordinator/      ca.crt, server.pem, server.key, federation.toml, sites/<SITE>.pub
+    OUT/coordinator/      ca.crt, server.pem, server.key, app-signing.key, federation.toml, sites/<SITE>.pub
     OUT/sites/<SITE>/     ca.crt, federation.toml, <SITE>.key, <SITE>.pub   → that hospital only
 
 and prints the commands for the coordinator and for every site (also kept in OUT/commands.txt).
@@ -61,7 +61,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "must run with --enable-supernode-auth. Run it on the coordinator. A key not registered is refused.",
     )
     reg.add_argument("public_keys", nargs="+", type=Path, metavar="SITE.pub", help="site public key files")
-    reg.add_argument("--superlink", default="127.0.0.1:8000", help="SuperLink address HOST:PORT")
+    reg.add_argument(
+        "--superlink",
+        default="127.0.0.1:9093",
+        help="the SuperLink's local address on the coordinator (`server start --local-port`)",
+    )
     reg.add_argument("--root-certificates", required=True, type=Path, help="the consortium's ca.crt")
     reg.add_argument(
         "--flwr-home", type=Path, help="Flower CLI folder keeping the connection (default: $FLWR_HOME)"
@@ -75,10 +79,12 @@ def _run(args: argparse.Namespace) -> int:
 def _init(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from fedpath.common.appsign import make_signing_key
     from fedpath.common.consortium import FEDERATION_FILE, Federation, split_address, write_federation
     from fedpath.server import pki
 
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    signing = make_signing_key(f"fedpath-app-signing-{args.name}")
     try:
         federation = Federation(
             name=args.name,
@@ -86,6 +92,7 @@ def _init(args: argparse.Namespace) -> int:
             sites=sites,
             encoder=args.encoder,
             weights_sha256=args.weights_sha256,
+            app_signers=[signing.public_openssh.decode().strip()],
         )
         host, port = split_address(args.address)
     except (ValidationError, ValueError) as err:
@@ -110,6 +117,7 @@ def _init(args: argparse.Namespace) -> int:
     pki.write_public(coordinator / "ca.crt", ca_pem)
     pki.write_public(coordinator / "server.pem", pki.cert_pem(server_cert))
     pki.write_private(coordinator / "server.key", pki.key_pem(server_key))
+    pki.write_private(coordinator / "app-signing.key", signing.private_openssh)
     write_federation(coordinator / FEDERATION_FILE, federation)
     for site in sites:
         pair = pki.make_site_key(site)
@@ -141,29 +149,34 @@ def instructions(out: Path, federation: object, port: int, names: list[str]) -> 
         "",
         "Copy each folder to one machine only (scp/USB); nothing else needs to travel:",
         f"  {out}/admin/        stays with you, offline: ca.key signs coordinator certificates; copy it nowhere",
-        f"  {out}/coordinator/  -> the coordinator ({federation.superlink}): server.key is its TLS key (0600)",
+        f"  {out}/coordinator/  -> the coordinator ({federation.superlink}): server.key is its TLS key and "
+        "app-signing.key signs the apps the sites run (both 0600)",
     ]
     lines += [
         f"  {out}/sites/{s}/{' ' * max(0, 6 - len(s))} -> hospital {s} only: {s}.key is its identity (0600), "
         "with ca.crt and federation.toml"
         for s in sites
     ]
+    local = "127.0.0.1:9093"
     lines += [
         "",
         "On the coordinator, in the copied coordinator/ folder (open TCP port "
-        f"{port} to the sites; sites open no port):",
-        f"  1. fedpath server start --host 0.0.0.0 --port {port} --tls ca.crt server.pem server.key "
-        "--enable-supernode-auth --database state.db",
-        f"  2. fedpath deploy register --superlink 127.0.0.1:{port} --root-certificates ca.crt {pubs}",
+        f"{port} to the sites; sites open no port). The sites' port serves only the Fleet API; operator "
+        f"commands run on the coordinator itself, against the SuperLink's local address {local}:",
+        f"  1. fedpath server start --host 0.0.0.0 --port {port} --local-port 9093 --tls ca.crt server.pem "
+        "server.key --enable-supernode-auth --database state.db --isolation process",
+        f"  2. flower-superexec --runtime-api-address {local} --root-certificates ca.crt    (second terminal)",
+        f"  3. fedpath deploy register --superlink {local} --root-certificates ca.crt {pubs}",
         f"     (native: flwr supernode register sites/{example}.pub CONNECTION, once per site)",
         f"At each hospital, in its copied folder ({example} shown; its manifest lists its feature files):",
-        f"  3. fedpath site check --federation federation.toml --manifest {SITE_DATA_EXAMPLE} --site {example} "
+        f"  4. fedpath site check --federation federation.toml --manifest {SITE_DATA_EXAMPLE} --site {example} "
         f"--auth-key {example}.key",
-        f"  4. fedpath site start --superlink {federation.superlink} --root-certificates ca.crt "
-        f"--auth-key {example}.key --manifest {SITE_DATA_EXAMPLE} --site {example}",
+        f"  5. fedpath site start --superlink {federation.superlink} --root-certificates ca.crt "
+        f"--auth-key {example}.key --federation federation.toml --manifest {SITE_DATA_EXAMPLE} --site {example}",
+        "     (the node runs only apps signed with the consortium's key in federation.toml)",
         "Then on the coordinator, once the sites are connected (D = the encoder's feature dimension):",
-        f"  5. fedpath run --superlink 127.0.0.1:{port} --root-certificates ca.crt --sites {len(sites)} "
-        "--in-dim D --out runs/first",
+        f"  6. fedpath run --superlink {local} --root-certificates ca.crt --signing-key app-signing.key "
+        f"--sites {len(sites)} --in-dim D --out runs/first",
         "",
         "Containers and systemd units for the same steps: deploy/ in the fedpath repository (deploy/README.md).",
     ]

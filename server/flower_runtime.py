@@ -14,21 +14,23 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from fedpath.common.appsign import SIGNATURE_FILE
+from fedpath.common.processes import (
+    FlowerProcess,
+    FlowerRuntimeError,
+    executable,
+    flower_env,
+    start_process,
+)
 from fedpath.common.runconfig import RunConfig
 from fedpath.common.version import fedpath_version
 from fedpath.server.runfolder import RunFolder
@@ -37,34 +39,6 @@ APP_NAME = "fedpath-federation"
 SERVERAPP = "fedpath.server.app:app"
 CLIENTAPP = "fedpath.client.app:app"
 CONNECTION = "fedpath"
-
-
-class FlowerRuntimeError(RuntimeError):
-    """A Flower process or command that failed; the message points to its log."""
-
-
-def executable(name: str) -> str:
-    """A Flower command from this Python environment (beside the interpreter), else from PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise FlowerRuntimeError(
-            f"`{name}` not found: install fedpath's dependencies (flwr[simulation]) first"
-        )
-    return found
-
-
-def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for Flower processes: FLWR_HOME set, runtime dependency install and update check off,
-    and this environment's scripts first on PATH (the SuperLink starts `flower-superexec` by name)."""
-    env = dict(os.environ if base is None else base)
-    env["FLWR_HOME"] = str(flwr_home.resolve())
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -102,6 +76,7 @@ def write_app(
         },
     }
     (app_dir / "pyproject.toml").write_text(tomli_w.dumps(project), encoding="utf-8")
+    (app_dir / SIGNATURE_FILE).unlink(missing_ok=True)  # a signature of an earlier bundle would not match
     for name, text in (extra_files or {}).items():
         (app_dir / name).write_text(text, encoding="utf-8")
     return app_dir
@@ -127,67 +102,6 @@ def write_connection(
     data.setdefault("superlink", {})[name] = conn
     path.write_text(tomli_w.dumps(data), encoding="utf-8")
     return name
-
-
-MARKER = "FEDPATH_FLOWER_PROCESS"
-
-
-def _marked_pids(marker: str) -> list[int]:
-    """Processes whose environment carries MARKER=marker: the ones started here and all their descendants
-    (Flower detaches its SuperExec, ServerApp and simulation processes into new sessions, and Ray forks more,
-    so a process group does not reach them; an inherited environment variable does). Linux /proc only."""
-    needle = f"{MARKER}={marker}".encode()
-    pids = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError):
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-    return [p for p in pids if p != os.getpid()]
-
-
-@dataclass
-class FlowerProcess:
-    """A Flower process started here (SuperLink or SuperNode) with everything it starts in turn."""
-
-    process: subprocess.Popen[bytes]
-    marker: str
-    log_file: Path
-    address: str = ""
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """Stop the process and every descendant (ServerApp, SuperExec, ClientApps, simulation engine, Ray)."""
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout)
-        for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-            pids = _marked_pids(self.marker)
-            if self.process.poll() is None:
-                pids.append(self.process.pid)
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and _marked_pids(self.marker):
-                time.sleep(0.1)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(5)
-
-
-def start_process(cmd: Sequence[str], flwr_home: Path, log_file: Path) -> FlowerProcess:
-    """Start a Flower command with `flower_env` and a marker that lets `stop` find all its descendants."""
-    marker = uuid.uuid4().hex
-    env = flower_env(flwr_home)
-    env[MARKER] = marker
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("ab") as out:
-        process = subprocess.Popen(
-            list(cmd), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    return FlowerProcess(process, marker, log_file)
 
 
 def superlink_command(

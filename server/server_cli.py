@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -29,8 +27,17 @@ def _add_server_arguments(p: argparse.ArgumentParser) -> None:
         "--insecure.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    start.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for real sites)")
-    start.add_argument("--port", type=int, default=8000, help="port of the Fleet, Control and Runtime APIs")
+    start.add_argument(
+        "--host", default="127.0.0.1", help="interface of the sites' address (0.0.0.0 for real sites)"
+    )
+    start.add_argument("--port", type=int, default=8000, help="the sites' port: Fleet API only (the gateway)")
+    start.add_argument(
+        "--local-port",
+        type=int,
+        default=9093,
+        help="the SuperLink itself, on 127.0.0.1 only: `fedpath run`, `deploy register`, flwr and the "
+        "SuperExec connect here, from the coordinator machine",
+    )
     start.add_argument("--database", type=Path, help="SuperLink state file (default: none, state in memory)")
     start.add_argument(
         "--isolation",
@@ -57,7 +64,9 @@ def _add_server_arguments(p: argparse.ArgumentParser) -> None:
 def _run_server(args: argparse.Namespace) -> int:
     import os
 
-    from fedpath.server.flower_runtime import flower_env, superlink_command
+    from fedpath.common.processes import start_process, supervise
+    from fedpath.server.flower_runtime import superlink_command, wait_healthy
+    from fedpath.server.gateway import gateway_command
 
     home = (args.flwr_home or Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))).resolve()
     log_file = home / "superlink.log"
@@ -70,34 +79,58 @@ def _run_server(args: argparse.Namespace) -> int:
         raise UserError(
             f"TLS file not found: {', '.join(missing)} (made by `fedpath deploy init`, coordinator/)"
         )
+    if args.port == args.local_port:
+        raise UserError(f"--port and --local-port must differ (both {args.port})")
     if args.enable_supernode_auth and args.database is None:
         print("note: without --database, site registrations are lost when the SuperLink restarts", flush=True)
+    tls = tuple(p.resolve() for p in args.tls) if args.tls else None
+    # Flower serves its Control API (submit runs, register keys) on the same socket as the Fleet API and has no
+    # login on it: the SuperLink listens on loopback only, the sites reach it through the Fleet-only gateway.
     cmd = superlink_command(
-        host=args.host,
-        port=args.port,
+        host="127.0.0.1",
+        port=args.local_port,
         simulation=False,
         log_file=log_file,
         database=args.database.resolve() if args.database else None,
-        tls=[p.resolve() for p in args.tls] if args.tls else None,
+        tls=tls,
         supernode_auth=args.enable_supernode_auth,
         isolation=args.isolation,
     )
+    gateway = gateway_command(host=args.host, port=args.port, upstream_port=args.local_port, tls=tls)
     home.mkdir(parents=True, exist_ok=True)
     print("running:", shlex.join(cmd), flush=True)
-    print(f"SuperLink on {args.host}:{args.port}; log in {log_file}; stop with Ctrl-C", flush=True)
-    if args.isolation == "process":
-        print("ServerApps are started by a separate flower-superexec (deploy/bin/superexec.sh)", flush=True)
-    process = subprocess.Popen(cmd, env=flower_env(home))
-    # A service manager (systemd, docker stop) sends SIGTERM: pass it on, so the SuperLink shuts down cleanly
-    # instead of being orphaned or killed after the grace period.
-    signal.signal(signal.SIGTERM, lambda *_: process.terminate())
+    link = start_process(cmd, home, None)
     try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        process.wait(30)
-        print("SuperLink stopped")
-        return 130
+        wait_healthy(
+            f"127.0.0.1:{args.local_port}", link.process, log_file, root_certificates=tls[0] if tls else None
+        )
+    except BaseException:
+        link.stop()
+        raise
+    print("running:", shlex.join(gateway), flush=True)
+    fleet = start_process(gateway, home, None)
+    probe = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    try:
+        wait_healthy(
+            f"{probe}:{args.port}", fleet.process, log_file, root_certificates=tls[0] if tls else None
+        )
+    except BaseException:
+        fleet.stop()
+        link.stop()
+        raise
+    print(
+        f"sites connect to {args.host}:{args.port} (Fleet API only); operator commands on this machine use "
+        f"127.0.0.1:{args.local_port}; log in {log_file}; stop with Ctrl-C",
+        flush=True,
+    )
+    if args.isolation == "process":
+        print(
+            f"ServerApps are started by a separate flower-superexec (deploy/bin/superexec.sh) connected to "
+            f"127.0.0.1:{args.local_port}",
+            flush=True,
+        )
+    # A service manager (systemd, docker stop) sends SIGTERM: both processes, and all they started, stop.
+    return supervise([link, fleet], say=lambda line: print(f"coordinator: {line}", flush=True))
 
 
 def add_training_options(p: argparse.ArgumentParser) -> None:
@@ -248,6 +281,12 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=int, default=2, help="label classes")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-wait", action="store_true", help="submit and return; follow with `flwr log`")
+    p.add_argument(
+        "--signing-key",
+        type=Path,
+        help="the consortium's app-signing key (deploy init's coordinator/app-signing.key): sites started "
+        "with --federation run only signed apps",
+    )
     add_training_options(p)
 
 
@@ -275,6 +314,18 @@ def _run_run(args: argparse.Namespace) -> int:
     # The flwr CLI keeps its connection list in $FLWR_HOME; a private one keeps the user's untouched.
     cli_home = out / "flwr-cli"
     app = fr.write_app(out / "app", run)
+    if args.signing_key is not None:
+        from fedpath.common.appsign import AppSignatureError, sign_app
+
+        try:
+            signer = sign_app(app, args.signing_key)
+        except AppSignatureError as err:
+            raise UserError(str(err)) from err
+        print(f"app signed with {signer} ({args.signing_key})")
+    else:
+        print(
+            "note: unsigned app (no --signing-key): sites that enforce the consortium's signature refuse it"
+        )
     fr.write_connection(cli_home, args.superlink, root_certificates=args.root_certificates)
     try:
         run_id = fr.submit_run(app, cli_home)

@@ -18,6 +18,7 @@ from fedpath.client.training import predict
 from fedpath.common.bags import bags_from_manifest
 from fedpath.common.manifest import load_manifest, split_patients
 from fedpath.common.metrics import aggregate_by_patient, auroc
+from fedpath.common.processes import _marked_pids as marked_pids
 from fedpath.common.runconfig import RunConfig
 from fedpath.server.flower_runtime import (
     CONNECTION,
@@ -28,7 +29,6 @@ from fedpath.server.flower_runtime import (
     start_process,
     wait_healthy,
 )
-from fedpath.server.flower_runtime import _marked_pids as marked_pids
 from fedpath.simulation.synth import SynthConfig, synthesize
 
 # Small and easy enough to learn in a few local epochs, large enough for a held-out AUROC per site.
@@ -84,23 +84,25 @@ def script_command(script: str, settings: dict[str, str]) -> list[str]:
     return ["env", *(f"{k}={v}" for k, v in settings.items()), "bash", str(DEPLOY_BIN / script)]
 
 
-def start_coordinator(keys: Path, state: Path, port: int) -> FlowerProcess:
-    """deploy/bin/coordinator.sh on loopback (TLS, site authentication, state database); waits until healthy."""
+def start_coordinator(keys: Path, state: Path, port: int, local_port: int) -> FlowerProcess:
+    """deploy/bin/coordinator.sh on loopback (TLS, site authentication, state database): the SuperLink on
+    127.0.0.1:`local_port`, the Fleet gateway on 127.0.0.1:`port`; waits until both answer."""
     settings = {"FEDPATH_KEYS": str(keys), "FEDPATH_STATE": str(state), "FEDPATH_HOST": "127.0.0.1"}
-    settings["FEDPATH_PORT"] = str(port)
+    settings |= {"FEDPATH_PORT": str(port), "FEDPATH_LOCAL_PORT": str(local_port)}
     log = state / f"coordinator-{time.monotonic_ns()}.out"
     link = start_process(script_command("coordinator.sh", settings), state, log)
     try:
-        wait_healthy(f"127.0.0.1:{port}", link.process, log, root_certificates=keys / "ca.crt")
+        for p in (local_port, port):
+            wait_healthy(f"127.0.0.1:{p}", link.process, log, root_certificates=keys / "ca.crt")
     except BaseException:
         link.stop()
         raise
     return link
 
 
-def start_superexec(keys: Path, state: Path, port: int) -> FlowerProcess:
+def start_superexec(keys: Path, state: Path, local_port: int) -> FlowerProcess:
     """deploy/bin/superexec.sh: runs the ServerApps of the coordinator started by `start_coordinator`."""
-    settings = {"FEDPATH_KEYS": str(keys), "FEDPATH_STATE": str(state), "FEDPATH_PORT": str(port)}
+    settings = {"FEDPATH_KEYS": str(keys), "FEDPATH_STATE": str(state), "FEDPATH_LOCAL_PORT": str(local_port)}
     return start_process(script_command("superexec.sh", settings), state, state / "superexec.out")
 
 

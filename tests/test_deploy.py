@@ -100,7 +100,8 @@ def test_init_site_keys_are_openssh_p384_and_private_files_0600(deploy_consortiu
         ).stdout
         h1_pub = (deploy_consortium / "sites" / "H1" / "H1.pub").read_text()
         assert derived_by_openssh.split()[:2] == h1_pub.split()[:2]
-    private = {"admin/ca.key", "coordinator/server.key", "sites/H1/H1.key", "sites/H2/H2.key"}
+    private = {"admin/ca.key", "coordinator/server.key", "coordinator/app-signing.key"}
+    private |= {"sites/H1/H1.key", "sites/H2/H2.key"}
     for path in deploy_consortium.rglob("*"):
         if path.is_file():
             mode = stat.S_IMODE(path.stat().st_mode)
@@ -119,6 +120,7 @@ def test_init_gives_each_machine_only_its_own_files(deploy_consortium: Path) -> 
         "ca.crt",
         "server.pem",
         "server.key",
+        "app-signing.key",
         "federation.toml",
         "sites/H1.pub",
         "sites/H2.pub",
@@ -127,6 +129,11 @@ def test_init_gives_each_machine_only_its_own_files(deploy_consortium: Path) -> 
     federation = load_federation(deploy_consortium / "sites" / "H1" / "federation.toml")
     assert federation.superlink == "fl.example.org:8443" and federation.sites == ["H1", "H2"]
     assert (federation.encoder, federation.weights_sha256) == ("enc-A", SHA)
+    # the sites trust exactly the key the coordinator signs apps with
+    from fedpath.common.appsign import key_id, load_private_key, trusted_signers
+
+    _, public = load_private_key(deploy_consortium / "coordinator" / "app-signing.key")
+    assert trusted_signers(federation.app_signers) == {key_id(public): federation.app_signers[0]}
     commands = (deploy_consortium / "commands.txt").read_text()
     for needed in (
         "--enable-supernode-auth",
@@ -137,6 +144,11 @@ def test_init_gives_each_machine_only_its_own_files(deploy_consortium: Path) -> 
         "fedpath site start",
         "--auth-key H1.key",
         "ca.key",
+        "--isolation process",
+        "flower-superexec",
+        "--local-port 9093",
+        "--federation federation.toml",
+        "--signing-key app-signing.key",
     ):
         assert needed in commands, needed
 
@@ -291,7 +303,7 @@ def deploy_superlink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
         .replace('encoder = ""', 'encoder = "enc-A"')
         .replace('weights-sha256 = ""', f'weights-sha256 = "{SHA}"')
     )
-    link = start_coordinator(consortium / "coordinator", root / "state", port)
+    link = start_coordinator(consortium / "coordinator", root / "state", port, fr.free_port())
     try:
         yield consortium, f"127.0.0.1:{port}"
     finally:
@@ -318,7 +330,8 @@ def test_check_all_ok_against_a_real_tls_superlink(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
-    assert len(lines) == 7 and all(line.startswith("[ OK ]") for line in lines), done.stdout
+    # manifest, feature files, encoder, privacy ledger, site key, app signature and the 3 coordinator checks
+    assert len(lines) == 9 and all(line.startswith("[ OK ]") for line in lines), done.stdout
     assert f"ready to join {address}" in done.stdout
     assert re.search(
         r"certificate trusted: signed by the consortium CA, valid until .* \(\d+ days left\)", done.stdout
@@ -393,7 +406,7 @@ def test_dockerfiles_compose_and_units_reference_files_that_exist() -> None:
         assert base and re.search(r":[\w.-]+(@sha256:[0-9a-f]{64})?$", base.group(1)), (
             f"{name}: unpinned base"
         )
-        assert re.search(r"flwr\[simulation\]==1\.41\.\d+", text), f"{name}: flwr not pinned"
+        assert re.search(r"flwr\[simulation\]==1\.42\.\d+", text), f"{name}: flwr not pinned"
         assert "FEDPATH_VERSION" in text
         for src in re.findall(r"^COPY (?:--\S+ )*(\S+) ", text, re.M):
             assert (REPO / src).exists(), f"{name}: COPY {src} does not exist"

@@ -50,6 +50,7 @@ class Deployment:
     consortium: Path
     manifest: Path
     port: int
+    local_port: int
     coordinator: FlowerProcess
     superexec: FlowerProcess
     sites: dict[str, FlowerProcess]
@@ -57,7 +58,13 @@ class Deployment:
 
     @property
     def address(self) -> str:
+        """The sites' address: the Fleet gateway."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def operator(self) -> str:
+        """The SuperLink itself, reachable on the coordinator machine only."""
+        return f"127.0.0.1:{self.local_port}"
 
     @property
     def keys(self) -> Path:
@@ -75,7 +82,7 @@ class Deployment:
 
     def restart_coordinator(self) -> None:
         self.coordinator.stop()
-        self.coordinator = start_coordinator(self.keys, self.root / "coordinator", self.port)
+        self.coordinator = start_coordinator(self.keys, self.root / "coordinator", self.port, self.local_port)
 
     def nodes(self) -> dict[str, str]:
         return supernodes(self.root / "admin")
@@ -83,7 +90,8 @@ class Deployment:
     def run(self, name: str, rounds: int, min_sites: int) -> tuple[RunFolder, Path]:
         """Submit a run with `fedpath run --no-wait`; its folder is written by the ServerApp (superexec)."""
         out = self.root / name
-        cmd = [FEDPATH, "run", "--superlink", self.address, "--root-certificates", str(self.keys / "ca.crt")]
+        cmd = [FEDPATH, "run", "--superlink", self.operator, "--root-certificates", str(self.keys / "ca.crt")]
+        cmd += ["--signing-key", str(self.keys / "app-signing.key")]
         cmd += ["--out", str(out), "--sites", "2", "--in-dim", "16", "--rounds", str(rounds)]
         cmd += ["--min-sites", str(min_sites), "--lr", "0.01", "--no-wait"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -100,7 +108,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     site-C started with a valid key of the consortium that was never registered."""
     root = tmp_path_factory.mktemp("deployment")
     manifest = make_cohort(root / "cohort", sites=3, slides=60, shift=0.5)
-    port = fr.free_port()
+    port, local_port = fr.free_port(), fr.free_port()
     init = [FEDPATH, "deploy", "init", "--sites", "site-A,site-B,site-C", "--address", f"127.0.0.1:{port}"]
     init += ["--encoder", ENCODER_NAME, "--weights-sha256", "synthetic", "--out", str(root / "consortium")]
     subprocess.run(init, check=True, capture_output=True, timeout=60)
@@ -109,11 +117,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     started: list[FlowerProcess] = []
     deployment: Deployment | None = None
     try:
-        coordinator = start_coordinator(keys, root / "coordinator", port)
+        coordinator = start_coordinator(keys, root / "coordinator", port, local_port)
         started.append(coordinator)
-        superexec = start_superexec(keys, root / "superexec", port)
+        superexec = start_superexec(keys, root / "superexec", local_port)
         started.append(superexec)
-        register = [FEDPATH, "deploy", "register", "--superlink", f"127.0.0.1:{port}", "--root-certificates"]
+        register = [FEDPATH, "deploy", "register", "--superlink", f"127.0.0.1:{local_port}"]
+        register += ["--root-certificates"]
         register += [str(keys / "ca.crt"), "--flwr-home", str(root / "admin")]
         done = subprocess.run(
             [*register, *(str(keys / "sites" / f"{s}.pub") for s in SITES)],
@@ -123,7 +132,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         )
         assert done.returncode == 0, done.stdout + done.stderr
         assert done.stdout.count("registered as node") == 2
-        deployment = Deployment(root, consortium, manifest, port, coordinator, superexec, {}, coordinator)
+        deployment = Deployment(
+            root, consortium, manifest, port, local_port, coordinator, superexec, {}, coordinator
+        )
         for site in (*SITES, "site-C"):
             process = deployment.site(site)
             started.append(process)
@@ -213,6 +224,117 @@ def test_killed_site_is_left_out_then_rejoins(deployment: Deployment) -> None:
     after = [i for i, line in enumerate(lines) if line["finished_at"] - line["seconds"] > back_at]
     assert after, f"no round started after site-B came back ({back_at}): {lines}"
     assert all(ok[i] == {"site-A", "site-B"} for i in after), ok
+
+
+# --- the control surface: what someone holding only the CA certificate can do from the network -----------
+
+ROGUE_CLIENTAPP = """
+from pathlib import Path
+
+from flwr.app import Message
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg, context):
+    Path({marker!r}).write_text(str(context.node_config))  # would read the site's manifest path, and more
+    return Message(content=msg.content, reply_to=msg)
+"""
+
+
+def _flwr(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [fr.executable("flwr"), *args]
+    return subprocess.run(cmd, env=fr.flower_env(home), capture_output=True, text=True, timeout=120)
+
+
+def _rogue_app(folder: Path, marker: Path) -> Path:
+    """A Flower app whose ClientApp is its own code: it writes `marker` if it ever runs at a site."""
+    run = RunConfig(in_dim=16, num_server_rounds=1, min_sites=1, run_dir=str(folder / "out"))
+    return fr.write_app(
+        folder / "app",
+        run,
+        clientapp="rogue:app",
+        extra_files={"rogue.py": ROGUE_CLIENTAPP.format(marker=str(marker))},
+    )
+
+
+@pytest.mark.slow
+def test_control_api_is_refused_on_the_sites_address(deployment: Deployment, tmp_path: Path) -> None:
+    """From the address the sites use, with the consortium's CA certificate and a valid (unregistered) site
+    key, every Control API operation is refused: list runs, list/register/unregister nodes, submit a run,
+    read logs. The operator's own address on the coordinator still serves them."""
+    import httpx
+
+    outsider = tmp_path / "outsider"
+    ca = deployment.keys / "ca.crt"
+    fr.write_connection(outsider, deployment.address, root_certificates=ca)
+    site_c_pub = deployment.consortium / "sites" / "site-C" / "site-C.pub"
+    marker = tmp_path / "rogue-ran"
+    app = _rogue_app(tmp_path / "rogue", marker)
+    nodes_before = deployment.nodes()
+    attempts = {
+        "ls": _flwr(outsider, "ls", fr.CONNECTION, "--format", "json"),
+        "supernode list": _flwr(outsider, "supernode", "list", fr.CONNECTION, "--format", "json"),
+        "supernode register": _flwr(
+            outsider, "supernode", "register", str(site_c_pub), fr.CONNECTION, "--format", "json"
+        ),
+        "supernode unregister": _flwr(
+            outsider, "supernode", "unregister", next(iter(nodes_before)), fr.CONNECTION, "--format", "json"
+        ),
+        "run": _flwr(outsider, "run", str(app), fr.CONNECTION, "--format", "json"),
+        "log": _flwr(outsider, "log", "1", fr.CONNECTION),
+    }
+    for name, done in attempts.items():
+        reply = done.stdout + done.stderr
+        succeeded = done.returncode == 0 and '"success": false' not in done.stdout
+        assert not succeeded, f"`flwr {name}` from the sites' address succeeded:\n{reply}"
+        assert "run-id" not in done.stdout and "node-id" not in done.stdout, (name, reply)
+    # the HTTP surface itself: Control and Runtime paths, the API docs, tricks with the path
+    with httpx.Client(verify=str(ca), timeout=10) as client:
+        base = f"https://{deployment.address}"
+        for path in ("/v1/control/list-runs", "/v1/control/register-node", "/v1/runtime/get-nodes", "/docs"):
+            assert client.post(base + path, content=b"").status_code == 403, path
+        assert client.post(base + "/v1/fleet/%2e%2e/control/list-runs", content=b"").status_code == 403
+        assert client.post(base + "/v1/fleet/get-run?x=1", content=b"").status_code == 403
+        assert client.get(base + "/health").is_success  # sites' preflight still sees a SuperLink
+    # nothing changed: the same two registered nodes, no run of the outsider; the operator still works
+    assert deployment.nodes() == nodes_before
+    listed = _flwr(deployment.root / "admin", "ls", fr.CONNECTION, "--format", "json")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert "rogue" not in listed.stdout
+    assert not marker.exists()
+    assert "refused POST /v1/control/" in deployment.coordinator.log_file.read_text()
+
+
+@pytest.mark.slow
+def test_an_app_the_consortium_did_not_sign_never_runs_at_a_site(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """Past the gateway (submitted on the coordinator itself, without the signing key), an app with its own
+    ClientApp reaches the sites, and each refuses it before unpacking it: its code never runs."""
+    marker = tmp_path / "rogue-ran"
+    app = _rogue_app(tmp_path / "rogue", marker)
+    submitted = _flwr(deployment.root / "admin", "run", str(app), fr.CONNECTION, "--format", "json")
+    assert '"run-id"' in submitted.stdout, submitted.stdout + submitted.stderr
+    run_id = submitted.stdout[submitted.stdout.index("{") :].split('"run-id":')[1].split(",")[0].strip(" }\n")
+
+    def refused_everywhere() -> bool:
+        return all("fedpath: REFUSED app" in p.log_file.read_text() for p in deployment.sites.values())
+
+    try:
+        wait_for(
+            refused_everywhere, 180, f"both sites to refuse the unsigned app\n{deployment.logs()}", poll=1
+        )
+    finally:
+        _flwr(deployment.root / "admin", "stop", run_id, fr.CONNECTION)
+    assert not marker.exists(), "the rogue ClientApp ran at a site"
+    for process in deployment.sites.values():
+        log = process.log_file.read_text()
+        assert "not signed" in log and "nothing of this app was unpacked or run" in log
+    for site in deployment.sites:  # the node's app cache: the bundle was never unpacked there
+        assert list((deployment.root / site).rglob("rogue.py")) == [], site
 
 
 # --- what leaves the site ---------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ FEDPATH = str(Path(sys.executable).parent / "fedpath")
 def federation_deployment(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """A SuperLink and one SuperNode per site of a two-site cohort; everything stopped afterwards."""
     manifest = make_cohort(tmp_path / "cohort", sites=2, slides=48, shift=0.5)
-    port = fr.free_port()
+    port, local_port = fr.free_port(), fr.free_port()
     started: list[fr.FlowerProcess] = []
     try:
         link = fr.start_process(
@@ -37,6 +37,8 @@ def federation_deployment(tmp_path: Path) -> Iterator[tuple[Path, str]]:
                 "--insecure",
                 "--port",
                 str(port),
+                "--local-port",
+                str(local_port),
                 "--flwr-home",
                 str(tmp_path / "link"),
             ],
@@ -44,13 +46,15 @@ def federation_deployment(tmp_path: Path) -> Iterator[tuple[Path, str]]:
             tmp_path / "link.out",
         )
         started.append(link)
+        fr.wait_healthy(f"127.0.0.1:{local_port}", link.process, link.log_file)
         fr.wait_healthy(f"127.0.0.1:{port}", link.process, link.log_file)
         for site in ("site-A", "site-B"):
             home = tmp_path / site
             cmd = [FEDPATH, "site", "start", "--superlink", f"127.0.0.1:{port}", "--insecure"]
+            cmd += ["--allow-unsigned-apps"]  # this test's runs are unsigned (tests/test_deploy_federation signs)
             cmd += ["--manifest", str(manifest), "--site", site, "--port", str(fr.free_port())]
             started.append(fr.start_process([*cmd, "--flwr-home", str(home)], home, tmp_path / f"{site}.out"))
-        yield manifest, f"127.0.0.1:{port}"
+        yield manifest, f"127.0.0.1:{local_port}"  # `fedpath run` talks to the SuperLink itself
     finally:
         for process in reversed(started):
             process.stop()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A hospital's node: preflight (`fedpath site check`), then the SuperNode, which connects outward to the
-# coordinator over TLS and authenticates with the site's key. It opens no port to the network (its local
+# coordinator over TLS, authenticates with the site's key, and runs only apps signed with the consortium's
+# app-signing key (federation.toml's app-signers). It opens no port to the network (its local
 # runtime API listens on 127.0.0.1 only). Run by the site container, by fedpath-site.service and by the tests.
 #
 # Environment (defaults in brackets):
@@ -32,6 +33,6 @@ if [[ "${FEDPATH_PREFLIGHT:-1}" == "1" ]]; then
 fi
 
 exec fedpath site start --superlink "$FEDPATH_SUPERLINK" --root-certificates "$keys/ca.crt" \
-    --auth-key "$key" --manifest "$manifest" --site "$FEDPATH_SITE" \
+    --auth-key "$key" --federation "$keys/federation.toml" --manifest "$manifest" --site "$FEDPATH_SITE" \
     --port "${FEDPATH_NODE_PORT:-9094}" --flwr-home "$state/supernode" \
     --privacy-ledger "$state/privacy/$FEDPATH_SITE.json"

@@ -7,7 +7,7 @@
 # Environment (defaults in brackets):
 #   FEDPATH_KEYS       folder with ca.crt                                  [/etc/fedpath]
 #   FEDPATH_STATE      folder for Flower's app cache                       [/var/lib/fedpath]
-#   FEDPATH_SUPERLINK  the SuperLink's address as seen from here           [127.0.0.1:${FEDPATH_PORT:-8000}]
+#   FEDPATH_SUPERLINK  the SuperLink's local address on this machine       [127.0.0.1:${FEDPATH_LOCAL_PORT:-9093}]
 set -euo pipefail
 
 keys="${FEDPATH_KEYS:-/etc/fedpath}"
@@ -20,5 +20,5 @@ mkdir -p "$state/superexec"
 export FLWR_HOME="$state/superexec"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_DISABLE_UPDATE_CHECK=1
 
-exec flower-superexec --runtime-api-address "${FEDPATH_SUPERLINK:-127.0.0.1:${FEDPATH_PORT:-8000}}" \
+exec flower-superexec --runtime-api-address "${FEDPATH_SUPERLINK:-127.0.0.1:${FEDPATH_LOCAL_PORT:-9093}}" \
     --root-certificates "$keys/ca.crt"
