@@ -125,7 +125,7 @@ def utility(args: argparse.Namespace) -> None:
             print(f"target ε {eps:>4}: held-out AUROC {est}  (largest ε spent by a site {eps_spent:.2f}, {seconds:.0f} s)",
                   flush=True)  # fmt: skip
     print(f"\nsynthetic cohort: {cohort.slides} slides, 3 sites (training patients {train}), dim {cohort.dim}, "
-          f"shift {cohort.shift}; FedProx μ=0.01, {args.rounds} rounds × 1 local epoch, δ = 1/(10·patients)")  # fmt: skip
+          f"shift {cohort.shift}; FedProx μ=0.01, {args.rounds} rounds × 1 local epoch, δ = min(1e-5, 1/(100·patients))")  # fmt: skip
     print("| target ε per site | ε spent (largest site) | held-out AUROC [95% CI] |")
     print("| ---: | ---: | --- |")
     for eps, spent_eps, est, _ in rows:

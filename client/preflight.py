@@ -7,6 +7,8 @@ another tool can call it without the command line:
 * `check_feature_files`  every feature file of the site opens, with one feature dimension
 * `check_encoder`        every file was made with the federation's encoder and weights (name + SHA-256)
 * `check_auth_key`       the site's key is an ECDSA P-384 OpenSSH private key that only its owner can read
+* `check_privacy_ledger` the site's privacy ledger (where `site start` would write it) is intact: its hash
+                         chain and anchor verify; prints ε spent and the site policy of its last round
 * `check_coordinator`    the SuperLink's name resolves, its port accepts an outbound connection, its TLS
                          certificate is signed by the consortium's CA and valid for that name, and it
                          answers as a Flower SuperLink (HTTPS ``/health``)
@@ -246,6 +248,45 @@ def check_coordinator(address: str, ca_file: Path, timeout: float = 10.0) -> lis
     return results
 
 
+def check_app_signers(app_signers: Sequence[str] | None) -> Check:
+    """The keys whose signed apps this site will run (federation.toml's app-signers)."""
+    from fedpath.common.appsign import AppSignatureError, trusted_signers
+
+    name = "app signature"
+    fix = "use the consortium's federation.toml from `fedpath deploy init` (it lists app-signers)"
+    if app_signers is None:
+        return Check(name, None, "no federation.toml given: the site start needs --federation", fix)
+    try:
+        signers = trusted_signers(list(app_signers))
+    except AppSignatureError as err:
+        return Check(name, False, str(err), fix)
+    if not signers:
+        return Check(
+            name, False, "federation.toml lists no app-signers: the node would refuse every app", fix
+        )
+    return Check(name, True, f"the node runs only apps signed by {', '.join(sorted(signers))}")
+
+
+def check_privacy_ledger(path: Path, site: str) -> Check:
+    """The ledger at `path` (fedpath.client.privacy.ledger_path) is absent (a new site) or verifies."""
+    from fedpath.client.privacy import PrivacyError, PrivacyLedger
+
+    name = "privacy ledger"
+    try:
+        ledger = PrivacyLedger(path, site=site, delta=0.0)
+    except PrivacyError as err:
+        return Check(name, False, str(err), "restore the ledger and its .anchor from the site's backup")
+    if not ledger.entries:
+        return Check(name, True, f"{path}: none yet (created at the site's first round)")
+    policy = ledger.entries[-1].policy
+    shown = ", ".join(f"{k}={v}" for k, v in policy.items() if v not in (None, [], False))
+    detail = (
+        f"{path}: {len(ledger.entries)} rounds, hash chain verified, ε = {ledger.epsilon:.3f} at "
+        f"δ = {ledger.delta:.3g}; policy at the last round: {shown or 'defaults'}"
+    )
+    return Check(name, True, detail)
+
+
 def run_checks(
     manifest: Path,
     site: str,
@@ -256,20 +297,30 @@ def run_checks(
     weights_sha256: str = "",
     auth_key: Path | None = None,
     timeout: float = 10.0,
+    app_signers: Sequence[str] | None = None,
+    privacy_ledger: Path | None = None,
 ) -> list[Check]:
-    """All checks in order; later data checks are skipped when the manifest cannot be read."""
+    """All checks in order; later data checks are skipped when the manifest cannot be read. The ledger is
+    looked for where `site start` with the same `privacy_ledger` (or none) writes it."""
+    from fedpath.client.privacy import ledger_path
+
     results: list[Check] = []
     manifest_check, mine = check_manifest(manifest, site)
     results.append(manifest_check)
     if mine is None:
         results += [
-            Check(n, None, "not checked (fix the manifest first)") for n in ("feature files", "encoder")
+            Check(n, None, "not checked (fix the manifest first)")
+            for n in ("feature files", "encoder", "privacy ledger")
         ]
     else:
         files_check, infos = check_feature_files(mine)
         results += [files_check, check_encoder(infos, encoder, weights_sha256)]
+        chosen = mine.sites[0]
+        path = ledger_path(chosen, explicit=privacy_ledger, manifest=manifest)
+        results.append(check_privacy_ledger(path, chosen))
     if auth_key is not None:
         results.append(check_auth_key(auth_key))
+    results.append(check_app_signers(app_signers))
     if ca_file is None:
         fix = "give --federation federation.toml (with ca.crt beside it) or --root-certificates ca.crt"
         results.append(

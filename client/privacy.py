@@ -7,8 +7,18 @@ patients at the site), every patient's gradient is clipped to `max_grad_norm` an
 have no batch statistics, so a patient's gradient never depends on the other bags in its batch.
 
 The ledger is a site-local JSON file that outlives runs and restarts: every round appends (σ, q, steps),
-and ε is the RDP composition of the whole history at the ledger's δ. A site refuses a round whose planned
-steps would take it past its budget.
+and ε is the RDP composition of the whole history at the ledger's δ. A round trained without DP is recorded
+too, and voids the guarantee: ε = ∞ from then on. A site refuses a round whose planned steps would take it
+past its budget, and re-checks on the ledger as it is on disk when it records the round (another run may
+have spent in between). The ledger is tamper-evident: each entry carries the SHA-256 of the previous hash and
+the entry, and an anchor file beside it keeps the last hash and the entry count, so an edited, truncated or
+deleted ledger stops the site instead of starting over at ε = 0. Writers hold an exclusive lock
+(`fcntl.flock` on a lock file beside the ledger) from the re-read to the atomic write.
+
+The noise is drawn from a generator seeded from the operating system's CSPRNG in the site's process, never
+from the run seed: the coordinator knows the run seed, the round and the site, and could otherwise regenerate
+the noise and subtract it. Only the Poisson sampling of patients stays seeded (reproducible, and public
+anyway in the analysis).
 
 FedProx under DP: the proximal term cannot go into the loss (the DP optimizer replaces gradients with
 clipped, noised per-patient gradients), so after each noisy step the weights move toward the global model,
@@ -17,12 +27,16 @@ w ← w − lr·μ·(w − w_global): data-independent, so it costs no privacy.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
+import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedpath.common.accounting import epsilon_of
+from fedpath.common.accounting import DEFAULT_BUDGET_EPSILON, epsilon_of
 from fedpath.common.atomic import write_text_atomic
 from fedpath.common.bags import BagBatch, BagDataset, BagItem, collate_bags
 
@@ -39,7 +53,7 @@ if TYPE_CHECKING:  # Opacus takes seconds to import: only when a site actually t
     from opacus.grad_sample import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2  # 2: hash-chained entries, rounds without DP, the site policy in force
 
 
 class PrivacyError(Exception):
@@ -49,13 +63,21 @@ class PrivacyError(Exception):
 class BudgetExhausted(PrivacyError):
     """Training this round would take the site past its privacy budget."""
 
-    def __init__(self, site: str, spent: float, projected: float, budget: float) -> None:
+    def __init__(
+        self, site: str, spent: float, projected: float, budget: float, what: str = "privacy budget"
+    ) -> None:
         self.site, self.spent, self.projected, self.budget = site, spent, projected, budget
+        void = " (a round without DP is in the ledger: the guarantee is void)" if math.isinf(spent) else ""
+        limit = "budget" if what == "privacy budget" else "limit"
         super().__init__(
-            f"site '{site}': privacy budget exhausted: ε spent {spent:.3f}, this round would reach "
-            f"{projected:.3f} > budget {budget:.3f}; the site no longer trains (raise its budget only with "
+            f"site '{site}': {what} exhausted: ε spent {spent:.3f}{void}, this round would reach "
+            f"{projected:.3f} > {limit} {budget:.3f}; the site no longer trains (raise its budget only with "
             "its data owner's consent)"
         )
+
+
+class LedgerTampered(PrivacyError):
+    """The ledger on disk is not the one the site wrote: edited, truncated or missing."""
 
 
 class DPConfig(BaseModel):
@@ -70,7 +92,9 @@ class DPConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0, description="per-patient gradient clipping norm C")
     expected_batch_size: int = Field(8, ge=1, description="expected patients per step (Poisson sampling)")
     budget_epsilon: float | None = Field(
-        None, gt=0, description="the site's lifetime ε budget; default target_epsilon, else unlimited"
+        None,
+        gt=0,
+        description=f"the site's lifetime ε budget; default target_epsilon, else {DEFAULT_BUDGET_EPSILON:g}",
     )
 
     @model_validator(mode="after")
@@ -85,12 +109,18 @@ class DPConfig(BaseModel):
     def budget(self) -> float:
         if self.budget_epsilon is not None:
             return self.budget_epsilon
-        return self.target_epsilon if self.target_epsilon is not None else math.inf
+        return self.target_epsilon if self.target_epsilon is not None else DEFAULT_BUDGET_EPSILON
 
 
 def default_delta(patients: int) -> float:
-    """δ = 1/(10·n): well below 1/n, so no single patient's record can be released outright."""
-    return 1.0 / (10 * max(patients, 1))
+    """δ = min(1e-5, 1/(100·n)) for n training patients.
+
+    δ bounds the probability that the guarantee fails outright; "publish one random patient's record" is
+    (0, 1/n)-DP, so δ must sit far below 1/n. 1e-5 is the usual DP-SGD choice (Abadi et al. 2016, Opacus) and
+    at a hospital's scale (tens to thousands of patients) is 1000× or more below 1/n; 1/(100·n) keeps that
+    margin at 100× for very large sites.
+    """
+    return min(1e-5, 1.0 / (100 * max(patients, 1)))
 
 
 def sample_rate(expected_batch_size: int, patients: int) -> float:
@@ -131,6 +161,8 @@ def calibrate_noise(
 
 @dataclass(frozen=True)
 class LedgerEntry:
+    """One round trained at the site. `dp` False: trained without DP (σ, q 0), ε = ∞ from then on."""
+
     run: str
     round: int
     noise_multiplier: float
@@ -138,30 +170,85 @@ class LedgerEntry:
     steps: int
     epsilon: float  # cumulative, after this entry
     time: str
+    dp: bool = True
+    policy: dict[str, Any] = field(default_factory=dict)  # the site policy in force (client/policy.py)
+    hash: str = ""  # chain_hash(previous entry's hash, this entry without this field)
+
+    def body(self) -> dict[str, Any]:
+        """The entry as hashed: every field but `hash`."""
+        data = asdict(self)
+        del data["hash"]
+        return data
+
+
+def chain_hash(previous: str, body: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) over canonical JSON (sorted keys, no spaces) of the previous hash and an entry."""
+    text = json.dumps({"previous": previous, "entry": body}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_RESTORE = (
+    "restore the ledger and its .anchor file from the site's backup (both, from the same backup); do not "
+    "delete or reset them, that would forget the privacy already spent. The site does not train until then."
+)
 
 
 class PrivacyLedger:
-    """A site's privacy spending, kept in a JSON file beside its data (never sent anywhere).
+    """A site's privacy spending, kept in a JSON file at the site (never sent anywhere).
 
-    δ is fixed when the ledger is created; every later ε is reported at that δ.
+    δ is fixed when the ledger is created; every later ε is reported at that δ. Beside the ledger: an anchor
+    (`NAME.anchor`, entry count and last hash, written after the ledger on every round) and a lock file
+    (`NAME.lock`). Loading verifies the chain and the anchor (LedgerTampered when they disagree).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, site: str, delta: float) -> None:
         self.path = Path(path)
         self.site = site
+        self._new_delta = delta
         self.delta = delta
         self.entries: list[LedgerEntry] = []
-        if self.path.exists():
-            self._load()
+        self._load()
+
+    @property
+    def anchor_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".anchor")
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    def _genesis(self) -> str:
+        # binds the site and δ into the chain: editing δ (and so every ε) breaks the first entry's hash
+        return chain_hash("", {"site": self.site, "delta": self.delta})
+
+    def _read_anchor(self) -> tuple[int, str] | None:
+        if not self.anchor_path.exists():
+            return None
+        try:
+            data = json.loads(self.anchor_path.read_text())
+            return int(data["entries"]), str(data["last_hash"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise LedgerTampered(f"{self.anchor_path}: unreadable ledger anchor ({err}); {_RESTORE}") from err
 
     def _load(self) -> None:
+        # the anchor first: a writer writes the ledger, then the anchor, so the ledger read next is never older
+        self.delta, self.entries = self._new_delta, []
+        anchor = self._read_anchor()
+        if not self.path.exists():
+            if anchor is not None:
+                raise LedgerTampered(
+                    f"{self.path}: the privacy ledger is missing, but its anchor {self.anchor_path.name} shows "
+                    f"it held {anchor[0]} round(s); {_RESTORE}"
+                )
+            return
         try:
             data = json.loads(self.path.read_text())
-            if data.get("version") != LEDGER_VERSION:
-                raise ValueError(f"version {data.get('version')}, expected {LEDGER_VERSION}")
-            self.delta = float(data["delta"])
-            self.entries = [LedgerEntry(**e) for e in data["entries"]]
-        except (ValueError, KeyError, TypeError) as err:
+            version = data.get("version")
+            if version not in (1, LEDGER_VERSION):
+                raise ValueError(f"version {version}, expected {LEDGER_VERSION}")
+            delta = float(data["delta"])
+            entries = [LedgerEntry(**e) for e in data["entries"]]
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise PrivacyError(
                 f"{self.path}: unreadable privacy ledger ({err}); do not delete it (that would forget spent "
                 "privacy): restore it from backup or ask the site's data owner"
@@ -170,37 +257,133 @@ class PrivacyLedger:
             raise PrivacyError(
                 f"{self.path}: the ledger belongs to site '{data.get('site')}', not '{self.site}'"
             )
+        self.delta = delta
+        previous = self._genesis()
+        for i, entry in enumerate(entries):
+            expected = chain_hash(previous, entry.body())
+            if version == 1:  # written before the chain: chained as found, and written as version 2 next time
+                entries[i] = entry = LedgerEntry(**{**entry.body(), "hash": expected})
+            elif entry.hash != expected:
+                raise LedgerTampered(
+                    f"{self.path}: entry {i + 1} of {len(entries)} (run {entry.run}, round {entry.round}) "
+                    f"does not match the hash chain: the ledger was edited after it was written; {_RESTORE}"
+                )
+            previous = entry.hash
+        if anchor is None and version == LEDGER_VERSION:
+            raise LedgerTampered(f"{self.path}: its anchor {self.anchor_path.name} is missing; {_RESTORE}")
+        if anchor is not None:
+            count, last = anchor
+            if len(entries) < count or (count > 0 and entries[count - 1].hash != last):
+                raise LedgerTampered(
+                    f"{self.path}: holds {len(entries)} round(s), but its anchor shows {count} ending in "
+                    f"another hash: rounds were removed or rewritten; {_RESTORE}"
+                )
+        self.entries = entries
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the ledger's exclusive lock, with the ledger re-read from disk: what is checked and written
+        inside sees every round another run recorded meanwhile."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.lock_path.open("a") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                self._load()
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    @property
+    def void(self) -> bool:
+        """Whether a round without DP is in the ledger (no finite guarantee is left)."""
+        return any(not e.dp for e in self.entries)
 
     @property
     def history(self) -> History:
-        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries]
+        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries if e.dp]
 
     @property
     def epsilon(self) -> float:
-        return epsilon_of(self.history, self.delta)
+        return math.inf if self.void else epsilon_of(self.history, self.delta)
 
     def projected(self, noise_multiplier: float, q: float, steps: int) -> float:
+        if self.void:
+            return math.inf
         return epsilon_of([*self.history, (noise_multiplier, q, steps)], self.delta)
 
-    def check(self, noise_multiplier: float, q: float, steps: int, budget: float) -> float:
-        """The ε after the planned steps; raises BudgetExhausted if it would exceed `budget`."""
+    def run_epsilon(self, run: str, planned: Sequence[tuple[float, float, int]] = ()) -> float:
+        """ε spent by the rounds of one run alone (plus `planned` steps), at the ledger's δ."""
+        mine = [e for e in self.entries if e.run == run]
+        if any(not e.dp for e in mine):
+            return math.inf
+        return epsilon_of(
+            [*((e.noise_multiplier, e.sample_rate, e.steps) for e in mine), *planned], self.delta
+        )
+
+    def check(
+        self,
+        noise_multiplier: float,
+        q: float,
+        steps: int,
+        budget: float,
+        *,
+        run: str = "",
+        max_epsilon_run: float = math.inf,
+    ) -> float:
+        """The ε after the planned steps; BudgetExhausted if it would exceed `budget`, or if the run's own
+        ε would exceed `max_epsilon_run`."""
         after = self.projected(noise_multiplier, q, steps)
         if after > budget + 1e-9:
             raise BudgetExhausted(self.site, self.epsilon, after, budget)
+        if math.isfinite(max_epsilon_run):
+            in_run = self.run_epsilon(run, [(noise_multiplier, q, steps)])
+            if in_run > max_epsilon_run + 1e-9:
+                raise BudgetExhausted(
+                    self.site, self.run_epsilon(run), in_run, max_epsilon_run, what="per-run ε limit"
+                )
         return after
 
-    def record(self, *, run: str, round: int, noise_multiplier: float, q: float, steps: int) -> LedgerEntry:
-        """Append the steps just taken and write the ledger atomically; returns the new entry."""
-        entry = LedgerEntry(
-            run=run,
-            round=round,
-            noise_multiplier=noise_multiplier,
-            sample_rate=q,
-            steps=steps,
-            epsilon=self.projected(noise_multiplier, q, steps),
-            time=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        )
-        self.entries.append(entry)
+    def record(
+        self,
+        *,
+        run: str,
+        round: int,
+        noise_multiplier: float | None,
+        q: float = 0.0,
+        steps: int = 0,
+        budget: float = math.inf,
+        max_epsilon_run: float = math.inf,
+        policy: Mapping[str, Any] | None = None,
+    ) -> LedgerEntry:
+        """Append one round, under the ledger's lock: re-read it, re-check `budget` and `max_epsilon_run` on
+        what is on disk now (BudgetExhausted: the round must not be released), append, write the ledger and
+        then its anchor atomically. `noise_multiplier` None: a round trained without DP (ε = ∞ from then on)."""
+        with self.locked():
+            if noise_multiplier is None:
+                dp, epsilon, noise_multiplier, q = False, math.inf, 0.0, 0.0
+            else:
+                dp = True
+                epsilon = self.check(
+                    noise_multiplier, q, steps, budget, run=run, max_epsilon_run=max_epsilon_run
+                )
+            entry = LedgerEntry(
+                run=run,
+                round=round,
+                noise_multiplier=noise_multiplier,
+                sample_rate=q,
+                steps=steps,
+                epsilon=epsilon,
+                time=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                dp=dp,
+                policy=dict(policy or {}),
+            )
+            previous = self.entries[-1].hash if self.entries else self._genesis()
+            entry = LedgerEntry(**{**entry.body(), "hash": chain_hash(previous, entry.body())})
+            self.entries.append(entry)
+            self._write()
+        return entry
+
+    def _write(self) -> None:
         payload: dict[str, Any] = {
             "version": LEDGER_VERSION,
             "site": self.site,
@@ -210,33 +393,63 @@ class PrivacyLedger:
             "entries": [asdict(e) for e in self.entries],
         }
         write_text_atomic(self.path, json.dumps(payload, indent=2) + "\n")
-        return entry
+        anchor = {"site": self.site, "entries": len(self.entries), "last_hash": self.entries[-1].hash}
+        write_text_atomic(self.anchor_path, json.dumps(anchor, indent=2) + "\n")
 
 
-def default_ledger_path(manifest: str | os.PathLike[str], site: str) -> Path:
-    """Where a site keeps its ledger unless told otherwise: beside its manifest, never in a run folder."""
+LEDGER_KEY = "privacy-ledger"  # node config key (`fedpath site start --privacy-ledger`)
+
+
+def ledger_path(
+    site: str,
+    *,
+    explicit: str | os.PathLike[str] | None = None,
+    manifest: str | os.PathLike[str] | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Where a site's ledger is: the one rule of `site start` (which passes it on in the node config), `site
+    privacy`, `site check` and the ClientApp.
+
+    1. `explicit`: `--privacy-ledger`, node config 'privacy-ledger';
+    2. beside the site's manifest: MANIFEST_FOLDER/.fedpath-privacy/SITE.json;
+    3. RUN_DIR/privacy/SITE.json: simulation, where one machine plays every site and nothing outlives the run.
+    """
+    if explicit is not None and str(explicit):
+        return Path(explicit).expanduser().resolve()
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in site)
-    return Path(manifest).resolve().parent / ".fedpath-privacy" / f"{safe}.json"
+    if manifest is not None and str(manifest):
+        return Path(manifest).expanduser().resolve().parent / ".fedpath-privacy" / f"{safe}.json"
+    if run_dir is not None and str(run_dir):
+        return Path(run_dir) / "privacy" / f"{safe}.json"
+    raise PrivacyError(
+        f"site '{site}': no privacy ledger location: give --privacy-ledger or the site's manifest"
+    )
 
 
 def format_ledger(ledger: PrivacyLedger) -> str:
-    """The ledger as a table: one line per round trained under DP, with the cumulative ε."""
+    """The ledger as a table: one line per round (DP or not), with the cumulative ε."""
     lines = [
         f"privacy ledger of site '{ledger.site}' ({ledger.path}): unit = patient, δ = {ledger.delta:.3g}, "
-        "RDP accountant (Opacus)",
+        "RDP accountant (Opacus), hash chain verified",
         f"{'run':<24} {'round':>5} {'σ':>7} {'q':>7} {'steps':>6} {'ε total':>8}  time",
     ]
     for e in ledger.entries:
-        lines.append(
-            f"{e.run[:24]:<24} {e.round:>5} {e.noise_multiplier:>7.3f} {e.sample_rate:>7.4f} {e.steps:>6} "
-            f"{e.epsilon:>8.3f}  {e.time}"
-        )
+        noise = f"{e.noise_multiplier:>7.3f} {e.sample_rate:>7.4f}" if e.dp else f"{'no DP':>7} {'—':>7}"
+        lines.append(f"{e.run[:24]:<24} {e.round:>5} {noise} {e.steps:>6} {e.epsilon:>8.3f}  {e.time}")
     if not ledger.entries:
         lines.append("(nothing spent yet)")
     else:
         lines.append(
             f"spent: ε = {ledger.epsilon:.3f} at δ = {ledger.delta:.3g} over {len(ledger.entries)} rounds"
         )
+        if ledger.void:
+            first = next(e for e in ledger.entries if not e.dp)
+            lines.append(
+                f"no finite guarantee: run {first.run} round {first.round} trained without DP (ε = ∞ from then on)"
+            )
+        if ledger.entries[-1].policy:
+            policy = ", ".join(f"{k}={v}" for k, v in ledger.entries[-1].policy.items())
+            lines.append(f"site policy in force at the last round: {policy}")
     return "\n".join(lines)
 
 
@@ -279,6 +492,17 @@ def plan_round(
     )
 
 
+def noise_generator() -> torch.Generator:
+    """The generator of one DP optimizer's noise, seeded with 64 bits from the OS's CSPRNG (`secrets`).
+
+    Not from the run seed, nor from torch's global generator (`train_epochs` seeds that from the run seed):
+    the coordinator knows the run seed, the round and the site, and could regenerate seeded noise and
+    subtract it. The seed never leaves this process. torch has no CSPRNG-backed generator (torchcsprng, which
+    Opacus's `PrivacyEngine(secure_mode=True)` needs, is unmaintained), so the seed is the secret.
+    """
+    return torch.Generator().manual_seed(secrets.randbits(64))
+
+
 def make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -291,7 +515,8 @@ def make_private(
     """Wrap ordinary training for DP-SGD: per-patient gradients, clipping and noise, Poisson batches.
 
     Returns the wrapped model, the DP optimizer and a loader yielding `plan.steps // epochs` Poisson batches
-    per pass (an empty batch still takes a noisy step, as the analysis assumes).
+    per pass (an empty batch still takes a noisy step, as the analysis assumes). `seed` drives the Poisson
+    sampling only; the noise comes from `noise_generator()`.
     """
     from opacus.grad_sample import GradSampleModule
     from opacus.optimizers import DPOptimizer
@@ -317,14 +542,16 @@ def make_private(
 
     loader: DataLoader[BagBatch] = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)  # type: ignore[arg-type]
     private_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    noise = torch.Generator().manual_seed(seed + 1)
     private_optimizer = DPOptimizer(
         optimizer,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
         expected_batch_size=plan.expected_batch_size,
         loss_reduction="mean",
-        generator=noise,
+        generator=noise_generator(),
+        # Opacus's floating-point-safe sampling (sum of 4 Gaussians, Mironov 2012 / arXiv:2112.05307): on the
+        # optimizer it needs no torchcsprng (only PrivacyEngine(secure_mode=True) does)
+        secure_mode=True,
     )
     return private_model, private_optimizer, loader
 

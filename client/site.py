@@ -26,6 +26,10 @@ class SiteConfigError(ValueError):
     """Node or run config that does not identify a usable site; the message says what to set."""
 
 
+class IncompatibleSite(SiteConfigError):
+    """The run's model does not fit the site's data (feature dimension, classes or weights)."""
+
+
 @dataclass(frozen=True)
 class SiteRef:
     """A manifest file and the name of one of its sites."""
@@ -131,12 +135,12 @@ def _feature_dim(manifest: Manifest) -> int:
 def check_compatible(site: SiteData, run: RunConfig) -> None:
     """The site's data must fit the run's model: same feature dimension and number of classes."""
     if site.in_dim != run.in_dim:
-        raise SiteConfigError(
+        raise IncompatibleSite(
             f"site '{site.name}' has {site.in_dim}-dimensional features but the run's model expects "
             f"in-dim={run.in_dim}: extract with the federation's encoder or fix the run config"
         )
     if site.num_classes != run.num_classes:
-        raise SiteConfigError(
+        raise IncompatibleSite(
             f"site '{site.name}' has {site.num_classes} label classes but the run expects "
             f"num-classes={run.num_classes}"
         )

@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+from fedpath.client.policy import add_policy_options
 from fedpath.common.cli import Command, UserError
+
+# One rule for where the ledger is (fedpath.client.privacy.ledger_path), the same option in every command.
+LEDGER_HELP = "privacy ledger (default .fedpath-privacy/SITE.json by the manifest; same in every command)"
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,27 +41,31 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     tls.add_argument("--insecure", action="store_true", help="plain text, no TLS (tests on one machine only)")
     start.add_argument("--port", type=int, default=9094, help="local port of the node's runtime API")
     start.add_argument("--auth-key", type=Path, help="private key registered with the federation (site auth)")
+    trust = start.add_mutually_exclusive_group(required=True)
+    trust.add_argument(
+        "--federation",
+        type=Path,
+        help="the consortium's federation.toml: only apps signed by its app-signers run at this site",
+    )
+    trust.add_argument(
+        "--allow-unsigned-apps",
+        action="store_true",
+        help="run any app the coordinator sends (a test federation on one machine only)",
+    )
     start.add_argument(
         "--flwr-home", type=Path, help="Flower's folder for installed apps (default: $FLWR_HOME)"
     )
-    start.add_argument(
-        "--privacy-budget", type=float, help="this site's lifetime ε budget under DP (default: the run's)"
-    )
-    start.add_argument(
-        "--privacy-ledger",
-        type=Path,
-        help="privacy ledger file (default: .fedpath-privacy/ beside the manifest)",
-    )
+    start.add_argument("--privacy-ledger", type=Path, metavar="FILE", help=LEDGER_HELP)
+    add_policy_options(start)
     privacy = sub.add_parser(
         "privacy",
         help="print this site's privacy ledger (ε spent per round, cumulative)",
         description="Print the site's differential-privacy ledger: every round trained under DP-SGD with its "
         "noise, sampling rate, steps and the cumulative ε (RDP accountant, patient-level, at the ledger's δ).",
     )
-    where = privacy.add_mutually_exclusive_group(required=True)
-    where.add_argument("--ledger", type=Path, help="the ledger file")
-    where.add_argument("--manifest", type=Path, help="the site's manifest (ledger in its default place)")
+    privacy.add_argument("--manifest", type=Path, help="the site's manifest (as given to `site start`)")
     privacy.add_argument("--site", default="", help="site name (with --manifest, if it holds several)")
+    privacy.add_argument("--privacy-ledger", "--ledger", type=Path, metavar="FILE", help=LEDGER_HELP)
     check = sub.add_parser(
         "check",
         help="preflight before joining: data, encoder, site key, coordinator reachable and trusted",
@@ -78,6 +84,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     check.add_argument("--weights-sha256", metavar="HEX", help="expected encoder weights SHA-256 (idem)")
     check.add_argument("--auth-key", type=Path, help="this site's private key (SITE.key) to check")
     check.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the coordinator")
+    check.add_argument("--privacy-ledger", type=Path, metavar="FILE", help=LEDGER_HELP)
 
 
 def supernode_command(args: argparse.Namespace, manifest: Path, site: str) -> list[str]:
@@ -92,12 +99,33 @@ def supernode_command(args: argparse.Namespace, manifest: Path, site: str) -> li
     cmd += ["--insecure"] if args.insecure else ["--root-certificates", str(args.root_certificates)]
     if args.auth_key:
         cmd += ["--auth-supernode-private-key", str(args.auth_key)]
-    node_config = f"manifest={_toml_string(str(manifest))} site={_toml_string(site)}"
-    if args.privacy_budget is not None:
-        node_config += f" privacy-budget={float(args.privacy_budget)!r}"
-    if args.privacy_ledger is not None:
-        node_config += f" privacy-ledger={_toml_string(str(args.privacy_ledger.resolve()))}"
-    return [*cmd, "--node-config", node_config]
+    return [*cmd, "--node-config", site_node_config(args, manifest, site)]
+
+
+def site_node_config(args: argparse.Namespace, manifest: Path, site: str) -> str:
+    """The node config of `site start`: manifest, site, the ledger's path (always, resolved here by the one
+    rule so that the ClientApp writes where `site privacy` looks) and the site policy. Stops (UserError) on an
+    invalid policy or a ledger that is missing or altered: the node must not join with it."""
+    from fedpath.client.policy import PolicyError, policy_from_args
+    from fedpath.client.privacy import LEDGER_KEY, PrivacyError, PrivacyLedger, ledger_path
+
+    try:
+        policy = policy_from_args(args)
+        path = ledger_path(site, explicit=args.privacy_ledger, manifest=manifest)
+        PrivacyLedger(path, site=site, delta=0.0)  # verifies the chain and the anchor
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (PolicyError, PrivacyError) as err:
+        raise UserError(str(err)) from err
+    except OSError as err:
+        raise UserError(f"{path.parent}: cannot create the privacy ledger's folder ({err})") from err
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(
+            f"{path.parent}: not writable, but every round is recorded in the privacy ledger there; give "
+            "--privacy-ledger FILE in a folder this account can write (e.g. the site's state folder)"
+        )
+    items = [f"manifest={_toml_string(str(manifest))}", f"site={_toml_string(site)}"]
+    items += [f"{LEDGER_KEY}={_toml_string(str(path))}", *policy.to_node_config()]
+    return " ".join(items)
 
 
 def _toml_string(text: str) -> str:
@@ -123,24 +151,28 @@ def _site_of(manifest: Path, site: str) -> str:
 def _privacy(args: argparse.Namespace) -> int:
     import json
 
-    from fedpath.client.privacy import PrivacyError, PrivacyLedger, default_ledger_path, format_ledger
+    from fedpath.client.privacy import PrivacyError, PrivacyLedger, format_ledger, ledger_path
     from fedpath.common.manifest import ManifestError
 
+    if args.manifest is None and args.privacy_ledger is None:
+        raise UserError("give the site's --manifest, or --privacy-ledger FILE (as given to `site start`)")
     try:
-        if args.ledger is not None:
-            path = args.ledger
-            if not path.exists():
-                raise UserError(f"{path}: no such ledger")
-            site = str(json.loads(path.read_text()).get("site", ""))
-        else:
+        if args.manifest is not None:
             site = _site_of(args.manifest.resolve(), args.site)
-            path = default_ledger_path(args.manifest, site)
-            if not path.exists():
-                print(f"site '{site}' has spent no privacy yet (no ledger at {path})")
-                return 0
-        ledger = PrivacyLedger(path, site=site, delta=0.0)
+        else:
+            site = str(json.loads(args.privacy_ledger.read_text()).get("site", ""))
+        path = ledger_path(site, explicit=args.privacy_ledger, manifest=args.manifest)
+        ledger = PrivacyLedger(path, site=site, delta=0.0)  # verifies the chain; a missing one with an anchor
+    except FileNotFoundError as err:
+        raise UserError(f"{args.privacy_ledger}: no such ledger") from err
     except (PrivacyError, ManifestError, json.JSONDecodeError) as err:
         raise UserError(str(err)) from err
+    if not ledger.entries:
+        print(
+            f"no privacy ledger of site '{site}' at {path}: nothing recorded there. If the site was started "
+            "with --privacy-ledger (deploy/bin/site.sh: $FEDPATH_STATE/privacy/SITE.json), pass the same option"
+        )
+        return 0
     print(format_ledger(ledger))
     return 0
 
@@ -149,6 +181,7 @@ def _check(args: argparse.Namespace) -> int:
     from fedpath.client.preflight import run_checks
     from fedpath.common.consortium import ConsortiumFileError, ca_certificate_path, load_federation
 
+    signers: list[str] | None = None
     superlink, ca_file, encoder, weights = (
         args.superlink,
         args.root_certificates,
@@ -164,6 +197,7 @@ def _check(args: argparse.Namespace) -> int:
         ca_file = ca_file or ca_certificate_path(args.federation, federation)
         encoder = federation.encoder if encoder is None else encoder
         weights = federation.weights_sha256 if weights is None else weights
+        signers = federation.app_signers
     if not superlink:
         raise UserError("give --federation federation.toml or --superlink HOST:PORT")
     results = run_checks(
@@ -175,6 +209,8 @@ def _check(args: argparse.Namespace) -> int:
         weights_sha256=weights or "",
         auth_key=args.auth_key,
         timeout=args.timeout,
+        privacy_ledger=args.privacy_ledger,
+        app_signers=signers,
     )
     for result in results:
         print(result.render())
@@ -190,8 +226,16 @@ def _check(args: argparse.Namespace) -> int:
 
 def _start(args: argparse.Namespace) -> int:
     from fedpath.client.site import SiteConfigError, SiteRef, load_site
+    from fedpath.client.trusted_apps import (
+        TRUST_ENV,
+        UNSIGNED_ENV,
+        AppRefused,
+        install_launcher,
+        signers_from_environment,
+    )
     from fedpath.common.features import FeatureFileError
     from fedpath.common.manifest import ManifestError
+    from fedpath.common.processes import FlowerRuntimeError, executable, flower_env, start_process, supervise
     from fedpath.common.runconfig import RunConfig
 
     manifest = args.manifest.resolve()
@@ -200,29 +244,32 @@ def _start(args: argparse.Namespace) -> int:
         data = load_site(SiteRef(manifest, site), RunConfig())
     except (ManifestError, SiteConfigError, FeatureFileError) as err:
         raise UserError(str(err)) from err
-    if (
-        shutil.which("flower-supernode") is None
-        and not (Path(sys.executable).parent / "flower-supernode").exists()
-    ):
-        raise UserError("flower-supernode not found: install fedpath with its dependencies (flwr)")
+    trust = {UNSIGNED_ENV: "1"} if args.allow_unsigned_apps else {TRUST_ENV: str(args.federation.resolve())}
+    try:
+        signers = signers_from_environment(trust)
+        executable("flower-supernode")
+    except (AppRefused, FlowerRuntimeError) as err:
+        raise UserError(str(err)) from err
     print(
         f"site {site}: {len(data.train)} training and {len(data.val)} validation patients, "
         f"{data.in_dim}-dimensional features ({manifest})"
     )
+    if signers is None:
+        print(f"site {site}: WARNING: --allow-unsigned-apps: this node runs any app the coordinator sends")
+    else:
+        print(f"site {site}: runs only apps signed by {', '.join(sorted(signers))} ({args.federation})")
+    home = (args.flwr_home or Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))).resolve()
+    # The node starts its ClientApps as `flwr-clientapp` from PATH: the site's launcher checks the signature.
+    launcher = install_launcher(home / "fedpath-bin")
     cmd = supernode_command(args, manifest, site)
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    if args.flwr_home:
-        env["FLWR_HOME"] = str(args.flwr_home.resolve())
+    cmd[0] = executable("flower-supernode")
     print("running:", shlex.join(cmd), flush=True)
-    process = subprocess.Popen(cmd, env=env)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        process.wait(30)
-        print(f"site {site}: node stopped")
-        return 130
+    env = flower_env(home) | trust
+    env["PATH"] = os.pathsep.join([str(launcher.parent), env["PATH"]])
+    node = start_process(cmd, home, None, env=env)  # its log goes to this terminal / the journal
+    code = supervise([node], say=lambda line: print(f"site {site}: {line}", flush=True))
+    print(f"site {site}: node stopped")
+    return code
 
 
 COMMAND = Command(

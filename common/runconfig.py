@@ -5,8 +5,9 @@ writes them), possibly overridden with ``flwr run --run-config``. The coordinato
 site (ClientApp) parse it into the same typed `RunConfig`, so both agree on the model architecture, the
 local training settings and the split; a misspelt or unknown key is an error, not a silently ignored one.
 
-Also here: the names of what travels in a training or evaluation reply, and the per-round, per-site seed
-that makes a federated run reproducible (and a resumed run equal to an uninterrupted one).
+Also here: the names of what travels in a training or evaluation reply, the error codes of a reply (each
+with one fixed text), and the per-round, per-site seed that makes a federated run reproducible (and a
+resumed run equal to an uninterrupted one).
 """
 
 from __future__ import annotations
@@ -26,6 +27,23 @@ SITE_NAME = "name"
 UNIT_WEIGHT_KEY = "unit-weight"
 # Error code of a training reply from a site whose privacy budget would be exceeded by the round.
 PRIVACY_EXHAUSTED = 4701
+# Error code of a training reply from a site whose own policy (client/policy.py) refuses the run's config.
+POLICY_REFUSED = 4702
+# Error codes of a reply from a site that failed. The reply's reason is the fixed text of SITE_ERRORS: it
+# names no file, patient, slide or path; the detail (exception, traceback) stays in the site's own log.
+SITE_DATA_ERROR = 4710  # the site's manifest or feature files could not be read
+INCOMPATIBLE_MODEL = 4711  # the run's model does not fit the site's data (in-dim, classes, weights)
+SITE_INTERNAL_ERROR = 4712  # anything else that failed at the site
+SITE_ERRORS = {
+    PRIVACY_EXHAUSTED: "the site's privacy budget is exhausted; it no longer trains in this federation",
+    POLICY_REFUSED: "the site's own privacy policy refuses this run's settings (DP required, ε per run, "
+    "minimum noise, rounds or model); the rule it broke is in the site's log",
+    SITE_DATA_ERROR: "the site's data could not be read (manifest or feature files); "
+    "the detail is in the site's log",
+    INCOMPATIBLE_MODEL: "the run's model does not fit the site's data (feature dimension, classes or "
+    "weights); the detail is in the site's log",
+    SITE_INTERNAL_ERROR: "the site failed while handling the round; the detail is in the site's log",
+}
 # Train-reply metrics about a site's privacy spending: logged per site, never averaged across sites.
 PRIVACY_METRICS = ("epsilon", "delta", "dp-noise", "dp-sample-rate", "dp-steps")
 
@@ -64,16 +82,16 @@ class RunConfig(BaseModel):
     test_fraction: float = Field(0.25, ge=0, lt=1)
     split_seed: int = 0
     # per-patient differential privacy at every site (DP-SGD with Opacus); off while dp-noise and dp-epsilon
-    # are both 0. A site's node config may set its own 'privacy-budget' and 'privacy-ledger'.
+    # are both 0. A site's node config may set its own 'privacy-budget', 'privacy-ledger' and policy.
     dp_noise: float = Field(
         0.0, ge=0, description="DP-SGD noise multiplier σ (0 = off, or set by dp-epsilon)"
     )
     dp_epsilon: float = Field(0.0, ge=0, description="target ε per site over the run; σ calibrated (0 = off)")
     dp_clip: float = Field(1.0, gt=0, description="per-patient gradient clipping norm C")
     dp_lr: float = Field(0.05, gt=0, description="learning rate under DP (SGD with momentum 0.9)")
-    dp_delta: float = Field(0.0, ge=0, lt=1, description="δ (0 = 1/(10·training patients at the site))")
+    dp_delta: float = Field(0.0, ge=0, lt=1, description="δ (0 = min(1e-5, 1/(100·patients at the site)))")
     dp_batch: int = Field(0, ge=0, description="expected patients per DP-SGD step (0 = batch-size)")
-    dp_budget: float = Field(0.0, ge=0, description="lifetime ε budget per site (0 = dp-epsilon, else none)")
+    dp_budget: float = Field(0.0, ge=0, description="lifetime ε budget per site (0 = dp-epsilon, else 8)")
     # client-level (central) DP at the coordinator: Flower's server-side fixed-clipping wrapper
     central_dp_noise: float = Field(0.0, ge=0, description="client-level DP noise multiplier (0 = off)")
     central_dp_clip: float = Field(10.0, gt=0, description="client-level DP clipping norm of an update")

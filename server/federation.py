@@ -1,12 +1,17 @@
 """One federated run on the coordinator: start or resume, run the FedProx rounds, checkpoint and log every
 round, and finish with the final model and its model card. Called by the ServerApp with Flower's `Grid`.
+
+A run in which no round aggregated a training update (every site refused or failed: privacy budget, policy,
+error) has no trained model: no model.pt is written, the model card says so and names what each site replied
+(codes, never a site's own text), and the run ends with `NoSiteTrained`, so Flower marks it failed and the
+command that followed it exits non-zero. Every checkpoint records how many rounds so far were aggregated.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +22,16 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
-from fedpath.common.accounting import CENTRAL_DELTA, epsilon_of
+from fedpath.common.accounting import CENTRAL_DELTA, DEFAULT_BUDGET_EPSILON, DEFAULT_DELTA_RULE, epsilon_of
 from fedpath.common.mil import create_mil
 from fedpath.common.runconfig import UNIT_WEIGHT_KEY, WEIGHT_KEY, RunConfig, RunConfigError, round_seed
 from fedpath.common.version import fedpath_version
 from fedpath.server.runfolder import Checkpoint, RunFolder, RunFolderError, resume_conflicts
 from fedpath.server.strategy import GuardedFedProx
+
+
+class NoSiteTrained(RuntimeError):
+    """No round of the run aggregated a training update; the message names each site's replies (codes)."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +130,8 @@ def run_federation(grid: Grid, run: RunConfig) -> RunFolder:
             "split": run.split_seed,
             "sites": {s: round_seed(run.seed, r, s) for s in trained},
         }
-        folder.save_checkpoint(Checkpoint(r, global_arrays.to_torch_state_dict(), config, seeds))
+        aggregated = sum(1 for line in history if line.get("aggregated")) + int(record.aggregated)
+        folder.save_checkpoint(Checkpoint(r, global_arrays.to_torch_state_dict(), config, seeds, aggregated))
         line = record.as_log_line()
         if central:
             line["central_dp"] = central_dp_spent(run, r)
@@ -146,11 +156,42 @@ def run_federation(grid: Grid, run: RunConfig) -> RunFolder:
         if len(result.arrays) > 0:
             final_state = result.arrays.to_torch_state_dict()
     log(INFO, "federation finished in %.1f s", time.perf_counter() - started)
-    final = Checkpoint(run.num_server_rounds, final_state, config, {"run": run.seed, "split": run.split_seed})
-    folder.save_model(final)
+    aggregated = sum(1 for line in history if line.get("aggregated"))
+    untrained = no_training_reasons(run, history)
+    if untrained is None:
+        seeds = {"run": run.seed, "split": run.split_seed}
+        folder.save_model(Checkpoint(run.num_server_rounds, final_state, config, seeds, aggregated))
+    else:
+        folder.model.unlink(missing_ok=True)  # nothing may look like a trained model
     folder.write_model_card(model_card(run, folder, history))
+    if untrained is not None:
+        log(ERROR, "%s; model card: %s", untrained, folder.card_md)
+        raise NoSiteTrained(untrained)
     log(INFO, "final model: %s; model card: %s", folder.model, folder.card_md)
     return folder
+
+
+def no_training_reasons(run: RunConfig, history: list[dict[str, Any]]) -> str | None:
+    """Why no round in the round log aggregated a training update, site by site (None when one did)."""
+    if any(line.get("aggregated") for line in history):
+        return None
+    replies: dict[str, dict[str, list[str]]] = {}  # site → what it replied → rounds
+    for line in history:
+        for site, entry in line["sites"].items():
+            if entry["status"] != "ok":
+                what = entry.get("reason") or entry["status"]
+            else:
+                what = "sent an update" if entry.get("train") else "sent no training reply"
+            replies.setdefault(site, {}).setdefault(what, []).append(str(line["round"]))
+    sites = [
+        f"{site}: " + "; ".join(f"{what} (round {', '.join(rounds)})" for what, rounds in whats.items())
+        for site, whats in sorted(replies.items())
+    ]
+    return (
+        f"no site trained: none of the {len(history)} round(s) aggregated a training update "
+        f"(min-sites={run.min_sites}), so there is no trained model and no model.pt. "
+        + (" | ".join(sites) or "No site replied.")
+    )
 
 
 def model_card(run: RunConfig, folder: RunFolder, history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -163,8 +204,11 @@ def model_card(run: RunConfig, folder: RunFolder, history: list[dict[str, Any]])
         for s, e in line["sites"].items()
         if e["status"] != "ok"
     ]
+    untrained = no_training_reasons(run, history)
     return {
         "config": run.model_dump(),
+        "trained": untrained is None,
+        "no_site_trained": untrained,
         "privacy": privacy_summary(run, history),
         "rounds": len(history),
         "sites": sites,
@@ -175,7 +219,7 @@ def model_card(run: RunConfig, folder: RunFolder, history: list[dict[str, Any]])
         },
         "train_loss_by_round": [line["aggregate"]["train"].get("loss") for line in history],
         "rejected": rejected,
-        "model_file": folder.model.name,
+        "model_file": folder.model.name if untrained is None else None,
         "round_log": folder.round_log.name,
         "fedpath_version": fedpath_version(),
         "flwr_version": flwr.__version__,
@@ -201,22 +245,25 @@ def privacy_summary(run: RunConfig, history: list[dict[str, Any]]) -> dict[str, 
         "noise_multiplier": run.dp_noise or None,
         "target_epsilon": run.dp_epsilon or None,
         "clip": run.dp_clip,
-        "delta": run.dp_delta or "1/(10·training patients) per site",
+        "delta": run.dp_delta or DEFAULT_DELTA_RULE,
         "expected_patients_per_step": run.dp_batch or run.batch_size,
-        "budget": run.dp_budget or run.dp_epsilon or None,
+        "budget": run.dp_budget or run.dp_epsilon or f"{DEFAULT_BUDGET_EPSILON:g} unless a site sets its own",
     }
     epsilon: dict[str, dict[int, float]] = {}
+    delta: dict[str, float] = {}  # the δ each site reports (its ledger's, fixed when the ledger was created)
     exhausted: dict[str, int] = {}
     for line in history:
         for site, entry in line["sites"].items():
             if "epsilon" in entry.get("train", {}) and entry["status"] == "ok":
                 epsilon.setdefault(site, {})[line["round"]] = entry["train"]["epsilon"]
+                delta[site] = entry["train"].get("delta", delta.get(site))
             if entry["status"] == "privacy-exhausted":
                 exhausted.setdefault(site, line["round"])
     central = {line["round"]: line["central_dp"]["epsilon"] for line in history if "central_dp" in line}
     return {
         "settings": settings,
         "epsilon_by_site_and_round": epsilon,
+        "delta_by_site": delta,
         "exhausted_from_round": exhausted,
         "client_level": {"settings": central_dp_spent(run, 0), "epsilon_by_round": central}
         if central

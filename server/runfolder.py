@@ -5,7 +5,8 @@ Layout (all writes atomic, so a crash leaves the previous complete file, never a
     RUN/checkpoints/round-0003.pt   global weights after round 3 + round, run config, seeds
     RUN/rounds.jsonl                one JSON line per finished round (per-site and aggregate metrics,
                                     seconds, bytes received)
-    RUN/model.pt                    final global model (same layout as a checkpoint)
+    RUN/model.pt                    final global model (same layout as a checkpoint); not written when no
+                                    round aggregated a training update (no site trained)
     RUN/model_card.md, .json        config, sites, rounds, metrics of the run
 
 A checkpoint is written before its round-log line; on resume the log is cut back to the checkpoint's round.
@@ -58,6 +59,8 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     config: dict[str, Any]
     seeds: dict[str, Any]
+    # rounds up to this one that aggregated a training update (0: still the initial weights; None: unknown)
+    trained_rounds: int | None = None
 
 
 def json_safe(value: Any) -> Any:
@@ -123,6 +126,14 @@ class RunFolder:
         _save(self.model, ckpt)
         return self.model
 
+    def no_training(self, since: float = 0.0) -> str | None:
+        """The model card's account of a run in which no site trained, if the card (written at or after
+        `since`, a time.time()) says so; else None."""
+        if not self.card_json.exists() or self.card_json.stat().st_mtime < since:
+            return None
+        untrained = json.loads(self.card_json.read_text()).get("no_site_trained")
+        return str(untrained) if untrained else None
+
     def write_model_card(self, card: dict[str, Any]) -> None:
         write_text_atomic(self.card_json, json.dumps(json_safe(card), indent=2, sort_keys=True) + "\n")
         write_text_atomic(self.card_md, render_model_card(json_safe(card)))
@@ -136,6 +147,7 @@ def _save(path: Path, ckpt: Checkpoint) -> None:
                 "state_dict": {k: v.detach().cpu() for k, v in ckpt.state_dict.items()},
                 "config": ckpt.config,
                 "seeds": ckpt.seeds,
+                "trained_rounds": ckpt.trained_rounds,
             },
             tmp,
         )
@@ -149,7 +161,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise RunFolderError(
             f"cannot read checkpoint {path} ({err}); delete it to resume from the one before"
         ) from err
-    return Checkpoint(int(data["round"]), data["state_dict"], dict(data["config"]), dict(data["seeds"]))
+    trained = data.get("trained_rounds")
+    return Checkpoint(
+        int(data["round"]),
+        data["state_dict"],
+        dict(data["config"]),
+        dict(data["seeds"]),
+        None if trained is None else int(trained),
+    )
 
 
 def load_model(path: Path) -> tuple[nn.Module, Checkpoint]:
@@ -180,10 +199,15 @@ def render_model_card(card: dict[str, Any]) -> str:
         f"- model: `{cfg['model']}`, in_dim {cfg['in_dim']}, {cfg['num_classes']} classes",
         f"- sites that took part: {', '.join(card['sites']) or 'none'}",
         f"- seeds: run {cfg['seed']}, split {cfg['split_seed']}",
-        f"- weights: `{card['model_file']}`; round log: `{card['round_log']}`",
+        f"- weights: `{card['model_file']}`; round log: `{card['round_log']}`"
+        if card.get("model_file")
+        else f"- weights: none, no site trained; round log: `{card['round_log']}`",
         f"- fedpath {card['fedpath_version']}, Flower {card['flwr_version']}",
         "",
         "## Validation metrics of the final global model (each site's validation patients)",
+        "",
+        "A site sends metrics only for at least its k validation patients (its `min-report-patients`, default "
+        "10 at a hospital, 1 in a simulation); below that, only the count: n/a.",
         "",
         "| site | patients | AUROC | balanced accuracy | loss |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -192,6 +216,8 @@ def render_model_card(card: dict[str, Any]) -> str:
     def fmt(x: Any) -> str:
         return "n/a" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
 
+    if card.get("no_site_trained"):
+        lines[1:1] = ["", f"**Not a trained model.** {card['no_site_trained']}"]
     for site, m in sorted(card["final_evaluation"]["sites"].items()):
         lines.append(
             f"| {site} | {fmt(m.get('patients'))} | {fmt(m.get('auroc'))} | "
@@ -214,14 +240,18 @@ def render_model_card(card: dict[str, Any]) -> str:
             f"patients per step, budget {st['budget']}. ε is cumulative over every round in each site's own "
             "ledger (RDP accountant); validation metrics are released without DP.",
             "",
-            "| site | ε after each round trained | exhausted from round |",
-            "| --- | --- | ---: |",
+            "| site | ε after each round trained | exhausted from round | δ |",
+            "| --- | --- | ---: | ---: |",
         ]
         sites = sorted(set(privacy["epsilon_by_site_and_round"]) | set(privacy["exhausted_from_round"]))
         for site in sites:
             rounds = privacy["epsilon_by_site_and_round"].get(site, {})
             spent = ", ".join(f"r{r}: {e:.2f}" for r, e in sorted(rounds.items(), key=lambda x: int(x[0])))
-            lines.append(f"| {site} | {spent or '—'} | {privacy['exhausted_from_round'].get(site, '—')} |")
+            delta = privacy.get("delta_by_site", {}).get(site)
+            lines.append(
+                f"| {site} | {spent or '—'} | {privacy['exhausted_from_round'].get(site, '—')} | "
+                f"{'—' if delta is None else f'{delta:.3g}'} |"
+            )
     client_level = privacy.get("client_level")
     if client_level:
         st = client_level["settings"]

@@ -191,7 +191,9 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     dp.add_argument(
         "--dp-lr", type=float, default=0.05, metavar="LR", help="learning rate under DP (SGD with momentum)"
     )
-    dp.add_argument("--dp-delta", type=float, default=0.0, metavar="D", help="δ (default 1/(10·patients))")
+    dp.add_argument(
+        "--dp-delta", type=float, default=0.0, metavar="D", help="δ (default min(1e-5, 1/(100·patients)))"
+    )
     dp.add_argument(
         "--dp-batch",
         type=int,
@@ -204,7 +206,7 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         metavar="E",
-        help="lifetime ε budget per site (default --dp-epsilon)",
+        help="lifetime ε per site (default --dp-epsilon, else 8)",
     )
     dp.add_argument(
         "--central-dp-noise",
@@ -284,8 +286,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--signing-key",
         type=Path,
-        help="the consortium's app-signing key (deploy init's coordinator/app-signing.key): sites started "
-        "with --federation run only signed apps",
+        metavar="KEY",
+        help="app-signing key (sites run only signed apps)",
     )
     add_training_options(p)
 
@@ -340,6 +342,9 @@ def _run_run(args: argparse.Namespace) -> int:
         return 0
     status = fr.follow_run(run_id, cli_home, folder, run.num_server_rounds, print, started_at=started_at)
     (out / "server.log").write_text(fr.run_logs(run_id, cli_home))
+    untrained = folder.no_training(since=started_at)
+    if untrained:
+        raise UserError(f"run {run_id}: {untrained}; no model was written (see {out / 'model_card.md'})")
     if status != "finished:completed":
         raise UserError(f"run {run_id} ended as '{status}'; see {out / 'server.log'}")
     print(f"run {run_id} completed; outputs in {out}/ (model.pt, model_card.md, rounds.jsonl, checkpoints/)")

@@ -6,7 +6,12 @@ patients) with three additions:
 * **Guard** — before aggregation every training reply is checked: an error reply (the site failed), an
   update with NaN/Inf, missing, extra or reshaped arrays, another dtype, or no positive patient count is
   left out and logged with the site that sent it. The round is aggregated when at least `min_sites`
-  updates are left; otherwise the global model stays as it was for that round.
+  updates are left; otherwise the global model stays as it was for that round. Of an error reply only the
+  code is kept, with the coordinator's own text for it (`site_error`): a site's free text may name files or
+  patients (an old or malicious site, or Flower's traceback of a ClientApp that raised), so it is never
+  logged or recorded.
+* **Metrics as sent** — a site leaves out a metric computed over fewer than its k patients, so replies may
+  hold different metric keys; each metric is averaged over the replies that hold it.
 * **Round offset** — a resumed run starts Flower's round counter at 1 again; the offset makes the messages,
   the seeds the sites derive from them, the checkpoints and the log carry the true round number.
 * **Bookkeeping** — per round and site: training and validation metrics, bytes received, status; collected
@@ -24,14 +29,18 @@ from logging import INFO, WARNING
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedpath.common.runconfig import (
+    POLICY_REFUSED,
     PRIVACY_EXHAUSTED,
     PRIVACY_METRICS,
+    SITE_ERRORS,
     SITE_NAME,
     SITE_RECORD,
     UNIT_WEIGHT_KEY,
@@ -45,8 +54,9 @@ class SiteRound:
     """What the coordinator learned about one site in one round."""
 
     node_id: int
-    status: str = "ok"  # ok | rejected | failed | privacy-exhausted
+    status: str = "ok"  # ok | rejected | failed | privacy-exhausted | policy-refused
     reason: str = ""
+    code: int | None = None  # of the site's error reply
     bytes_received: int = 0
     train: dict[str, float] = field(default_factory=dict)
     evaluate: dict[str, float] = field(default_factory=dict)
@@ -68,7 +78,7 @@ class RoundRecord:
         anonymous = self.sites.pop(f"node-{node_id}", None)
         if anonymous is not None and site != f"node-{node_id}":
             named = self.sites.setdefault(site, SiteRound(node_id=node_id))
-            named.status, named.reason = anonymous.status, anonymous.reason
+            named.status, named.reason, named.code = anonymous.status, anonymous.reason, anonymous.code
             named.bytes_received += anonymous.bytes_received
             named.train = named.train or anonymous.train
         elif anonymous is not None:
@@ -87,6 +97,7 @@ class RoundRecord:
                     "node_id": s.node_id,
                     "status": s.status,
                     **({"reason": s.reason} if s.reason else {}),
+                    **({"code": s.code} if s.code is not None else {}),
                     "bytes_received": s.bytes_received,
                     "train": s.train,
                     "evaluate": s.evaluate,
@@ -95,6 +106,23 @@ class RoundRecord:
             },
             "aggregate": {"train": self.train_aggregate, "evaluate": self.evaluate_aggregate},
         }
+
+
+# Flower's own error codes (a node that went away, a ClientApp that raised or crashed): code → name.
+FLOWER_ERRORS = {v: k for k, v in vars(ErrorCode).items() if k.isupper() and isinstance(v, int)}
+ERROR_STATUS = {PRIVACY_EXHAUSTED: "privacy-exhausted", POLICY_REFUSED: "policy-refused"}
+
+
+def site_error(code: int) -> tuple[str, str]:
+    """Status and recorded text of an error reply: the code and the coordinator's own text for it, never the
+    reason the site sent; an unknown code is recorded as the number alone."""
+    if code in SITE_ERRORS:
+        meaning = f": {SITE_ERRORS[code]}"
+    elif code in FLOWER_ERRORS:
+        meaning = f": Flower error {FLOWER_ERRORS[code]}"
+    else:
+        meaning = ""
+    return ERROR_STATUS.get(code, "failed"), f"error code {code}{meaning}"
 
 
 def message_bytes(msg: Message) -> int:
@@ -130,7 +158,7 @@ def reply_problems(msg: Message, reference: ArrayRecord) -> list[str]:
     problems = update_problems(update, reference)
     for name in sorted(set(update) & set(reference)):
         if update[name].dtype != reference[name].dtype:
-            problems.append(f"'{name}' has dtype {update[name].dtype}, expected {reference[name].dtype}")
+            problems.append(f"'{name}' has another dtype than {reference[name].dtype}")  # as sent: any text
     weight = next(iter(content.metric_records.values())).get(WEIGHT_KEY)
     if not isinstance(weight, int | float) or not weight > 0:
         problems.append(f"metric '{WEIGHT_KEY}' must be a positive number, got {weight!r}")
@@ -216,13 +244,9 @@ class GuardedFedProx(FedProx):
         for msg in replies:
             site = site_of(msg, self.node_sites)
             entry = record.sites.setdefault(site, SiteRound(node_id=msg.metadata.src_node_id))
-            if msg.has_error() and msg.error.code == PRIVACY_EXHAUSTED:
-                self._refuse(
-                    r, site, entry, "privacy-exhausted", msg.error.reason or "privacy budget exhausted"
-                )
-                continue
             if msg.has_error():
-                self._refuse(r, site, entry, "failed", f"the site failed: {msg.error.reason}")
+                entry.code = int(msg.error.code)
+                self._refuse(r, site, entry, *site_error(entry.code))
                 continue
             entry.bytes_received += message_bytes(msg)
             entry.train = _metrics(msg)
@@ -241,7 +265,10 @@ class GuardedFedProx(FedProx):
             )
             return None, None
         accepted.sort(key=lambda pair: pair[0])
-        arrays, metrics = super().aggregate_train(r, [msg for _, msg in accepted])
+        # FedAvg's aggregation without its check that all replies hold the same metric keys (see above).
+        contents = [msg.content for _, msg in accepted]
+        arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         record.aggregated = arrays is not None
         record.train_aggregate = dict(metrics or {})  # type: ignore[arg-type]
         return arrays, metrics
@@ -260,7 +287,13 @@ class GuardedFedProx(FedProx):
             record.name_node(msg.metadata.src_node_id, site)
             entry = record.sites.setdefault(site, SiteRound(node_id=msg.metadata.src_node_id))
             if msg.has_error():
-                log(WARNING, "round %d: evaluation failed at site %s: %s", r, site, msg.error.reason)
+                log(
+                    WARNING,
+                    "round %d: evaluation failed at site %s: %s",
+                    r,
+                    site,
+                    site_error(msg.error.code)[1],
+                )
                 entry.evaluate = {}
                 continue
             entry.evaluate = _metrics(msg)
@@ -269,7 +302,7 @@ class GuardedFedProx(FedProx):
         if not usable:
             return None
         usable.sort(key=lambda pair: pair[0])
-        metrics = super().aggregate_evaluate(r, [msg for _, msg in usable])
+        metrics = self.evaluate_metrics_aggr_fn([msg.content for _, msg in usable], self.weighted_by_key)
         record.evaluate_aggregate = dict(metrics or {})  # type: ignore[arg-type]
         return metrics
 

@@ -121,7 +121,7 @@ class CompareConfig(BaseModel):
     train_seed: int = Field(0, description="training seed of seed 0 (seed i: train_seed + i)")
     split_seed: int = Field(0, description="split seed (internal seed i: split_seed + i)")
     dp_clip: float = Field(1.0, gt=0, description="per-patient gradient clipping norm")
-    dp_delta: float = Field(0.0, ge=0, lt=1, description="δ (0 = 1/(10·patients at the site))")
+    dp_delta: float = Field(0.0, ge=0, lt=1, description="δ (0 = min(1e-5, 1/(100·patients at the site)))")
     dp_batch: int = Field(0, ge=0, description="expected patients per DP-SGD step (0 = batch_size)")
     dp_budget: float = Field(0.0, ge=0, description="lifetime ε budget per site (0 = the run's ε)")
     cpus_per_site: int = Field(1, ge=1, description="CPU cores per simulated site")

@@ -63,7 +63,9 @@ def simulate(
 ) -> SimulationResult:
     """Run the federation `run` on the simulation engine with `sites` simulated nodes; wait for it.
 
-    `clientapp`/`extra_files` replace the ClientApp (tests use this for a misbehaving site).
+    `clientapp`/`extra_files` replace the ClientApp (tests use this for a misbehaving site). Raises
+    `SimulationError` when the run fails, and when no round aggregated a training update (the message names
+    each site's reply codes, as the model card does).
     """
     say = progress or (lambda _: None)
     started_at, t0 = time.time(), time.perf_counter()
@@ -94,6 +96,9 @@ def simulate(
     finally:
         link.stop()
     seconds = time.perf_counter() - t0
+    untrained = folder.no_training(since=started_at)
+    if untrained:
+        raise SimulationError(f"run {run_id}: {untrained}; see {folder.card_md} and {log_path}")
     if status != "finished:completed":
         tail = "\n".join(log_path.read_text().splitlines()[-25:])
         raise SimulationError(f"run {run_id} ended as '{status}'; see {log_path}:\n{tail}")

@@ -10,7 +10,7 @@ import pytest
 
 from fedpath.client.privacy import PrivacyLedger, default_delta, epsilon_of, sample_rate, steps_per_epoch
 from fedpath.common.manifest import load_manifest, split_patients
-from fedpath.common.runconfig import RunConfig
+from fedpath.common.runconfig import PRIVACY_EXHAUSTED, RunConfig
 from fedpath.server.federation import initial_weights
 from fedpath.server.runfolder import RunFolder, load_model
 from fedpath.simulation.simulate import federation_config, simulate
@@ -92,7 +92,7 @@ def test_site_stops_at_its_budget_and_the_run_goes_on(privacy_runs: PrivateRuns)
     assert small[0]["status"] == "ok" and small[0]["train"]["epsilon"] <= runs.budget
     for entry in small[1:]:
         assert entry["status"] == "privacy-exhausted"
-        assert f"site '{runs.small}': privacy budget exhausted" in entry["reason"]
+        assert entry["code"] == PRIVACY_EXHAUSTED and "privacy budget is exhausted" in entry["reason"]
     assert all(line["aggregated"] for line in lines)  # the large site carried every round
     assert "epsilon" not in lines[0]["aggregate"]["train"]  # ε is per site, never averaged
     spent = PrivacyLedger(runs.run_dir / "privacy" / f"{runs.small}.json", site=runs.small, delta=0.5)

@@ -26,7 +26,8 @@ mkdir -p "$state"
 
 if [[ "${FEDPATH_PREFLIGHT:-1}" == "1" ]]; then
     if ! fedpath site check --federation "$keys/federation.toml" --superlink "$FEDPATH_SUPERLINK" \
-        --manifest "$manifest" --site "$FEDPATH_SITE" --auth-key "$key"; then
+        --manifest "$manifest" --site "$FEDPATH_SITE" --auth-key "$key" \
+        --privacy-ledger "$state/privacy/$FEDPATH_SITE.json"; then
         echo "site.sh: preflight failed (see above); not joining" >&2
         exit 1  # restarted later by systemd/compose: the coordinator may just be down
     fi
