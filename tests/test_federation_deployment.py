@@ -51,7 +51,9 @@ def federation_deployment(tmp_path: Path) -> Iterator[tuple[Path, str]]:
         for site in ("site-A", "site-B"):
             home = tmp_path / site
             cmd = [FEDPATH, "site", "start", "--superlink", f"127.0.0.1:{port}", "--insecure"]
-            cmd += ["--allow-unsigned-apps"]  # this test's runs are unsigned (tests/test_deploy_federation signs)
+            cmd += [
+                "--allow-unsigned-apps"
+            ]  # this test's runs are unsigned (tests/test_deploy_federation signs)
             cmd += ["--manifest", str(manifest), "--site", site, "--port", str(fr.free_port())]
             started.append(fr.start_process([*cmd, "--flwr-home", str(home)], home, tmp_path / f"{site}.out"))
         yield manifest, f"127.0.0.1:{local_port}"  # `fedpath run` talks to the SuperLink itself
