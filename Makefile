@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedpath-installed
 
-.PHONY: install demo test lint typecheck unit clean
+.PHONY: install browser demo test lint typecheck unit clean
 
 install: $(STAMP)
 
@@ -31,8 +31,20 @@ typecheck: $(STAMP)
 	MYPYPATH=.typecheck $(BIN)/mypy -p fedpath
 	MYPYPATH=.typecheck $(BIN)/mypy benchmarks
 
-unit: $(STAMP)
+unit: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# The report test renders report.html in headless Chromium (Debian's package): installed here when missing and
+# this account may install packages (root, or sudo without a password); otherwise that test says what to do.
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Chromium (Debian package) for the report test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null && command -v apt-get >/dev/null; then \
+		echo "installing Chromium (Debian package) for the report test"; \
+		sudo -n apt-get update -qq && sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "note: no Chromium and no way to install it here: the report's browser test will fail (apt-get install chromium)"; fi
 
 test: lint typecheck unit
 

@@ -12,6 +12,8 @@
 #   FEDPATH_STATE       folder for Flower's app cache                                        [/var/lib/fedpath]
 #   FEDPATH_NODE_PORT   local runtime API port (127.0.0.1)                                   [9094]
 #   FEDPATH_PREFLIGHT   1 = run `fedpath site check` first and stop when it fails            [1]
+#   FEDPATH_POLICY      the site's privacy policy, `fedpath site start` options, e.g.
+#                       "--policy-require-dp --privacy-budget 4 --policy-min-noise 0.8"       []
 # The site's differential-privacy ledger (ε spent over all runs) is kept in $FEDPATH_STATE/privacy/, so the
 # data folder can be mounted read-only.
 set -euo pipefail
@@ -36,4 +38,4 @@ fi
 exec fedpath site start --superlink "$FEDPATH_SUPERLINK" --root-certificates "$keys/ca.crt" \
     --auth-key "$key" --federation "$keys/federation.toml" --manifest "$manifest" --site "$FEDPATH_SITE" \
     --port "${FEDPATH_NODE_PORT:-9094}" --flwr-home "$state/supernode" \
-    --privacy-ledger "$state/privacy/$FEDPATH_SITE.json"
+    --privacy-ledger "$state/privacy/$FEDPATH_SITE.json" ${FEDPATH_POLICY:-}
