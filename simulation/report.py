@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedpath.common.accounting import DEFAULT_DELTA_RULE
 from fedpath.common.atomic import write_bytes_atomic, write_text_atomic
 from fedpath.common.metrics import (
     Estimate,
@@ -1246,7 +1247,9 @@ def _privacy_section(analysis: Analysis, colours: Mapping[str, Any]) -> list[Blo
         *blocks,
         Paragraph(
             "Differential privacy bounds what the shared model reveals about any one patient; ε is the "
-            "budget (smaller = stronger guarantee). The ε = ∞ point is the same method without DP."
+            "budget (smaller = stronger guarantee), at δ = "
+            f"{DEFAULT_DELTA_RULE} unless the run set --dp-delta (δ: the chance that the guarantee fails "
+            "outright, kept far below 1/patients). The ε = ∞ point is the same method without DP."
         ),
         Table(("Protocol", "DP method", "Run", "ε", "AUROC [95% CI]"), tuple(rows)),
         Plot(
