@@ -8,7 +8,7 @@ Poisson-sampled patients, and the proximal pull becomes a step after each noisy 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -95,8 +95,10 @@ def train_epochs(
     device: torch.device | str = "cpu",
     progress: bool = False,
     privacy: PrivatePlan | None = None,
+    after_epoch: Callable[[int], None] | None = None,
 ) -> TrainStats:
-    """Train `model` in place on `bags` for `config.epochs` epochs.
+    """Train `model` in place on `bags` for `config.epochs` epochs; `after_epoch(epoch)` (0-based) is called
+    after each one (a baseline's early-stopping rule looks at its validation patients there).
 
     When `config.proximal_mu > 0`, the model's weights at entry are the FedProx anchor (the global model).
     With `privacy`, training is DP-SGD with the plan's σ, clipping norm and Poisson rate over the bags
@@ -156,6 +158,8 @@ def train_epochs(
                 total += float(loss.detach()) * len(batch.labels)
                 seen += len(batch.labels)
             epoch_loss = total / max(seen, 1)
+            if after_epoch is not None:
+                after_epoch(epoch)
     finally:
         if privacy is not None:
             trained._close()  # type: ignore[operator]  # removes Opacus's hooks and per-sample gradients

@@ -25,8 +25,15 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from fedpath.common.accounting import CENTRAL_DELTA, DEFAULT_BUDGET_EPSILON, DEFAULT_DELTA_RULE, epsilon_of
 from fedpath.common.mil import create_mil
 from fedpath.common.runconfig import UNIT_WEIGHT_KEY, WEIGHT_KEY, RunConfig, RunConfigError, round_seed
+from fedpath.common.selection import SELECTION_RULE, Selection, best_round
 from fedpath.common.version import fedpath_version
-from fedpath.server.runfolder import Checkpoint, RunFolder, RunFolderError, resume_conflicts
+from fedpath.server.runfolder import (
+    Checkpoint,
+    RunFolder,
+    RunFolderError,
+    load_checkpoint,
+    resume_conflicts,
+)
 from fedpath.server.strategy import GuardedFedProx
 
 
@@ -156,11 +163,19 @@ def run_federation(grid: Grid, run: RunConfig) -> RunFolder:
         if len(result.arrays) > 0:
             final_state = result.arrays.to_torch_state_dict()
     log(INFO, "federation finished in %.1f s", time.perf_counter() - started)
-    aggregated = sum(1 for line in history if line.get("aggregated"))
     untrained = no_training_reasons(run, history)
     if untrained is None:
+        # the presented model is the best round's (common/selection.py), not necessarily the last one's
+        selection = select_round(history)
+        state = final_state
+        if selection.round != run.num_server_rounds:
+            state = load_checkpoint(folder.checkpoint_path(selection.round)).state_dict
         seeds = {"run": run.seed, "split": run.split_seed}
-        folder.save_model(Checkpoint(run.num_server_rounds, final_state, config, seeds, aggregated))
+        trained_then = sum(
+            1 for line in history if line.get("aggregated") and line["round"] <= selection.round
+        )
+        folder.save_model(Checkpoint(selection.round, state, config, seeds, trained_then))
+        log(INFO, "model.pt: %s", selection.why)
     else:
         folder.model.unlink(missing_ok=True)  # nothing may look like a trained model
     folder.write_model_card(model_card(run, folder, history))
@@ -169,6 +184,13 @@ def run_federation(grid: Grid, run: RunConfig) -> RunFolder:
         raise NoSiteTrained(untrained)
     log(INFO, "final model: %s; model card: %s", folder.model, folder.card_md)
     return folder
+
+
+def select_round(history: list[dict[str, Any]]) -> Selection:
+    """The round whose global model is presented, by the one rule of `fedpath.common.selection`, among the
+    rounds that aggregated a training update."""
+    trained = [line for line in history if line.get("aggregated")] or history
+    return best_round([(int(line["round"]), line["aggregate"]["evaluate"].get("loss")) for line in trained])
 
 
 def no_training_reasons(run: RunConfig, history: list[dict[str, Any]]) -> str | None:
@@ -205,6 +227,9 @@ def model_card(run: RunConfig, folder: RunFolder, history: list[dict[str, Any]])
         if e["status"] != "ok"
     ]
     untrained = no_training_reasons(run, history)
+    selection = select_round(history) if history and untrained is None else None
+    if selection is not None:
+        last = next(line for line in history if line["round"] == selection.round)
     return {
         "config": run.model_dump(),
         "trained": untrained is None,
@@ -212,6 +237,9 @@ def model_card(run: RunConfig, folder: RunFolder, history: list[dict[str, Any]])
         "privacy": privacy_summary(run, history),
         "rounds": len(history),
         "sites": sites,
+        "selected_round": None if selection is None else selection.round,
+        "selection": None if selection is None else selection.why,
+        "selection_rule": SELECTION_RULE,
         "final_evaluation": {
             "round": last.get("round"),
             "sites": {s: e.get("evaluate", {}) for s, e in last["sites"].items()},

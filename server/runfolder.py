@@ -5,8 +5,9 @@ Layout (all writes atomic, so a crash leaves the previous complete file, never a
     RUN/checkpoints/round-0003.pt   global weights after round 3 + round, run config, seeds
     RUN/rounds.jsonl                one JSON line per finished round (per-site and aggregate metrics,
                                     seconds, bytes received)
-    RUN/model.pt                    final global model (same layout as a checkpoint); not written when no
-                                    round aggregated a training update (no site trained)
+    RUN/model.pt                    the presented global model: the weights of the round selected by
+                                    `fedpath.common.selection` (lowest validation loss), same layout as a
+                                    checkpoint; not written when no round aggregated a training update
     RUN/model_card.md, .json        config, sites, rounds, metrics of the run
 
 A checkpoint is written before its round-log line; on resume the log is cut back to the checkpoint's round.
@@ -203,8 +204,11 @@ def render_model_card(card: dict[str, Any]) -> str:
         if card.get("model_file")
         else f"- weights: none, no site trained; round log: `{card['round_log']}`",
         f"- fedpath {card['fedpath_version']}, Flower {card['flwr_version']}",
+        f"- presented weights: {card['selection']} (rule: {card.get('selection_rule')})"
+        if card.get("selection")
+        else "- presented weights: none",
         "",
-        "## Validation metrics of the final global model (each site's validation patients)",
+        "## Validation metrics of the presented model (each site's validation patients)",
         "",
         "A site sends metrics only for at least its k validation patients (its `min-report-patients`, default "
         "10 at a hospital, 1 in a simulation); below that, only the count: n/a.",

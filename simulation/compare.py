@@ -52,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from fedpath.common.atomic import write_text_atomic
 from fedpath.common.manifest import Manifest, load_manifest, split_patients, write_manifest
+from fedpath.common.selection import SELECTION_RULE
 from fedpath.simulation.report import (
     ALL_SITES,
     PredictionRow,
@@ -191,6 +192,7 @@ class Job:
     epsilon: float | None
     train_patients: frozenset[str]
     cells: tuple[Cell, ...]
+    val_patients: frozenset[str] = frozenset()  # the training sites' validation patients (round selection)
 
     @property
     def federated(self) -> bool:
@@ -269,6 +271,7 @@ def _seed_jobs(
             epsilon=eps,
             train_patients=frozenset().union(*(splits[s].train for s in train)),
             cells=tuple(Cell(protocol, method, t, seed, split_seed, eps, tested(t)) for t in test),
+            val_patients=frozenset().union(*(splits[s].val for s in train)),
         )
 
     jobs = []
@@ -364,17 +367,22 @@ class Trained:
 
 
 def train_baseline(manifest: Manifest, job: Job, config: CompareConfig) -> Trained:
-    """local / pooled: `train_epochs` outside Flower, with a federation's initial weights and epoch budget."""
+    """local / pooled: `train_epochs` outside Flower, with a federation's initial weights and epoch budget,
+    and the federations' rule for which weights to present (`fedpath.common.selection`): every
+    ``local_epochs`` epochs stand for a round, the validation loss on the job's validation patients is taken
+    there, and the model is the best such round's."""
     import torch
 
-    from fedpath.client.training import TrainConfig, train_epochs
+    from fedpath.client.training import TrainConfig, predict, train_epochs
     from fedpath.common.bags import bags_from_manifest
     from fedpath.common.features import inspect_features
     from fedpath.common.mil import create_mil
+    from fedpath.common.selection import best_round
 
     bags = bags_from_manifest(manifest.for_patients(job.train_patients))
     if not bags:
         raise CompareError(f"{job.describe()}: no training patients")
+    val = bags_from_manifest(manifest.for_patients(job.val_patients)) if job.val_patients else []
     first = manifest.slides[0].features
     assert first is not None
     torch.manual_seed(job.seed)  # as the coordinator's initial weights (server/federation.initial_weights)
@@ -387,8 +395,24 @@ def train_baseline(manifest: Manifest, job: Job, config: CompareConfig) -> Train
         max_tiles=config.max_tiles or None,
         seed=job.seed,
     )
-    train_epochs(model, bags, train_config)
-    return Trained(model, [], "in memory (not saved)")
+    losses: list[tuple[int, float | None]] = []
+    states: dict[int, dict[str, Any]] = {}
+
+    def after_epoch(epoch: int) -> None:
+        if (epoch + 1) % config.local_epochs:
+            return
+        r = (epoch + 1) // config.local_epochs
+        losses.append((r, predict(model, val).loss if val else None))
+        if losses[-1][1] is not None and losses[-1][1] == min(x for _, x in losses if x is not None):
+            states[r] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.train()
+
+    train_epochs(model, bags, train_config, after_epoch=after_epoch)
+    selection = best_round(losses)
+    if selection.round in states and selection.round != config.rounds:
+        model.load_state_dict(states[selection.round])
+    model.eval()
+    return Trained(model, [], f"in memory (not saved); {selection.why}")
 
 
 def federation_manifest(manifest: Manifest, job: Job, folder: Path) -> Path:
@@ -450,7 +474,8 @@ def train_federation(
             f"{run_dir} holds a federation with other settings "
             f"({'; '.join(resume_conflicts(latest.config, run.model_dump()))}); delete {folder} to rerun it"
         )
-    finished = runs.model.exists() and load_model(runs.model)[1].round == config.rounds
+    last = runs.checkpoint_rounds()
+    finished = runs.model.exists() and bool(last) and last[-1] == config.rounds
     if not finished:
         try:
             simulate(run, sites=len(job.train_sites), cpus_per_site=config.cpus_per_site, progress=say)
@@ -687,6 +712,8 @@ def render(
         "training": {
             **config.training(),
             "epochs per site": f"{config.rounds * config.local_epochs} (rounds × local epochs), every method",
+            "model presented": f"every method: {SELECTION_RULE} (local and pooled: every local_epochs epochs "
+            "stand for a round)",
             "seeds": "seed i: train_seed + i; internal splits with split_seed + i, loso with split_seed",
         },
         "grid": {

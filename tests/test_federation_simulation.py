@@ -13,7 +13,7 @@ from fedpath.client.training import TrainConfig, train_epochs
 from fedpath.common.bags import bags_from_manifest
 from fedpath.common.manifest import load_manifest, split_patients
 from fedpath.server.federation import initial_weights
-from fedpath.server.runfolder import RunFolder, load_model
+from fedpath.server.runfolder import RunFolder, load_checkpoint, load_model
 from fedpath.simulation.simulate import SimulationResult, federation_config, simulate
 from tests.federation_helpers import held_out_by_site, make_cohort, mean_auroc
 
@@ -57,8 +57,15 @@ def test_uninterrupted_run_writes_checkpoints_log_model_and_card(
         assert line["seconds"] > 0 and line["bytes_received"] > 0
     card = folder.card_md.read_text()
     assert "site-A, site-B, site-C" in card and "FedProx" in card
+    # model.pt holds the weights of the round with the lowest aggregate validation loss, not the last round's
+    losses = {line["round"]: line["aggregate"]["evaluate"]["loss"] for line in lines}
+    best = min(losses, key=lambda r: (losses[r], r))
     _, final = load_model(folder.model)
-    assert final.round == ROUNDS
+    assert final.round == best, (losses, final.round)
+    saved = load_checkpoint(folder.checkpoint_path(best)).state_dict
+    for name, tensor in saved.items():
+        torch.testing.assert_close(final.state_dict[name], tensor)
+    assert f"round {best} of {ROUNDS}: lowest validation loss" in card
 
 
 def test_resumed_run_equals_uninterrupted_run(

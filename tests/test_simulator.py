@@ -265,3 +265,26 @@ def test_loso_comparison_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     again = run_comparison(cohort.manifest, out, config, n_boot=50, say=lambda _: None)
     assert again.cells_run == 0 and again.cells_skipped == 12
+
+
+def test_baselines_present_their_best_round_by_validation_loss(small_cohort: Path) -> None:
+    """local and pooled follow the federations' rule: the weights of the round (every local_epochs epochs)
+    with the lowest loss on their training sites' validation patients, not the last epoch's."""
+    from fedpath.client.training import predict
+    from fedpath.common.bags import bags_from_manifest
+
+    manifest = load_manifest(small_cohort)
+    config = CompareConfig(
+        methods=("pooled",), protocols=("internal",), seeds=1, rounds=4, local_epochs=1, lr=0.05
+    )
+    job = next(j for j in plan(manifest, config) if j.family == "pooled")
+    assert job.val_patients and not job.val_patients & job.train_patients
+    val = bags_from_manifest(manifest.for_patients(job.val_patients))
+    losses = []
+    for rounds in range(1, config.rounds + 1):  # the same training stopped after each round (its best so far)
+        alone = compare.train_baseline(manifest, job, config.model_copy(update={"rounds": rounds}))
+        losses.append(predict(alone.model, val).loss)
+    trained = compare.train_baseline(manifest, job, config)
+    best = min(range(len(losses)), key=lambda i: (round(losses[i], 6), i)) + 1
+    assert predict(trained.model, val).loss == pytest.approx(min(losses), rel=1e-5), losses
+    assert f"round {best} of {config.rounds}" in trained.note
