@@ -3,7 +3,8 @@ hospital whose patients the model never saw?
 
 Protocols
     ``loso`` (leave-one-site-out): for every site, train on the other K−1 sites and test on **all** patients
-    of the held-out site (none of them took part in training). ``internal``: train on all sites, test on
+    of the held-out site (none of them took part in training); the training sites' patients are split into
+    training and validation only (``val_fraction``), none is held back for testing. ``internal``: train on all sites, test on
     each site's own held-out test patients (`split_patients`, fraction ``test_fraction``).
 
 Methods (all on the same `split_patients` splits, the same initial weights and the same epoch budget: a site
@@ -117,8 +118,13 @@ class CompareConfig(BaseModel):
     batch_size: int = Field(8, ge=1, description="bags (patients) per optimisation step")
     max_tiles: int = Field(512, ge=0, description="random tiles per bag in training (0 = all)")
     model: str = Field("abmil", description="MIL aggregator")
-    val_fraction: float = Field(0.15, ge=0, lt=1)
-    test_fraction: float = Field(0.25, gt=0, lt=1)
+    val_fraction: float = Field(0.15, ge=0, lt=1, description="validation share of each training site")
+    test_fraction: float = Field(
+        0.25,
+        gt=0,
+        lt=1,
+        description="internal protocol: test share of each site (LOSO tests the held-out site)",
+    )
     train_seed: int = Field(0, description="training seed of seed 0 (seed i: train_seed + i)")
     split_seed: int = Field(0, description="split seed (internal seed i: split_seed + i)")
     dp_clip: float = Field(1.0, gt=0, description="per-patient gradient clipping norm")
@@ -126,6 +132,11 @@ class CompareConfig(BaseModel):
     dp_batch: int = Field(0, ge=0, description="expected patients per DP-SGD step (0 = batch_size)")
     dp_budget: float = Field(0.0, ge=0, description="lifetime ε budget per site (0 = the run's ε)")
     cpus_per_site: int = Field(1, ge=1, description="CPU cores per simulated site")
+
+    def test_fraction_of(self, protocol: str) -> float:
+        """Share of each training site's patients held back for testing: none under LOSO, where the test
+        set is the whole held-out site and the training sites' patients serve training and validation only."""
+        return self.test_fraction if protocol == "internal" else 0.0
 
     @field_validator("protocols", "methods")
     @classmethod
@@ -242,7 +253,9 @@ def _seed_jobs(
 ) -> list[Job]:
     """The jobs of one protocol and seed."""
     sites = manifest.sites
-    splits = split_patients(manifest, val=config.val_fraction, test=config.test_fraction, seed=split_seed)
+    splits = split_patients(
+        manifest, val=config.val_fraction, test=config.test_fraction_of(protocol), seed=split_seed
+    )
     everyone = manifest.patients()
 
     def tested(site: str) -> frozenset[str]:
@@ -459,7 +472,7 @@ def train_federation(
         model=config.model,
         seed=job.seed,
         val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction,
+        test_fraction=config.test_fraction_of(job.protocol),
         split_seed=job.split_seed,
         dp_epsilon=job.epsilon or 0.0,
         dp_clip=config.dp_clip,

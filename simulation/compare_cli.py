@@ -55,7 +55,7 @@ def add_grid_options(p: argparse.ArgumentParser, *, methods: str, seeds: int) ->
         metavar="M[,M]",
         type=_names,
         default=methods,
-        help="local, pooled, fedavg, fedprox, fedprox-dp",
+        help="local,pooled,fedavg,fedprox,fedprox-dp",
     )
     g.add_argument("--seeds", metavar="N", type=int, default=seeds, help="training seeds per cell")
     g.add_argument("--mu", metavar="MU[,MU]", type=_floats, default=listed("mu"), help="FedProx μ grid")
@@ -73,7 +73,7 @@ def add_grid_options(p: argparse.ArgumentParser, *, methods: str, seeds: int) ->
         metavar="E",
         type=int,
         default=default("local_epochs"),
-        help="epochs per round (local, pooled: rounds × E)",
+        help="epochs per round",
     )
     t.add_argument("--lr", metavar="LR", type=float, default=default("lr"), help="AdamW learning rate")
     t.add_argument(
@@ -86,6 +86,24 @@ def add_grid_options(p: argparse.ArgumentParser, *, methods: str, seeds: int) ->
         default=default("max_tiles"),
         help="tiles per bag in training (0 = all)",
     )
+    t.add_argument("--model", metavar="NAME", default=default("model"), help="MIL aggregator (abmil, ...)")
+    t.add_argument(
+        "--weight-decay", metavar="WD", type=float, default=default("weight_decay"), help="AdamW weight decay"
+    )
+    t.add_argument(
+        "--val-fraction",
+        metavar="F",
+        type=float,
+        default=default("val_fraction"),
+        help="validation share per site",
+    )
+    t.add_argument(
+        "--test-fraction",
+        metavar="F",
+        type=float,
+        default=default("test_fraction"),
+        help="test share per site (internal)",
+    )
     t.add_argument("--train-seed", metavar="S", type=int, default=0, help="seed i trains with S + i")
     t.add_argument("--split-seed", metavar="S", type=int, default=0, help="internal seed i splits with S + i")
     t.add_argument(
@@ -94,6 +112,8 @@ def add_grid_options(p: argparse.ArgumentParser, *, methods: str, seeds: int) ->
     t.add_argument(
         "--dp-batch", metavar="N", type=int, default=0, help="patients per DP step (0: batch size)"
     )
+    t.add_argument("--dp-delta", metavar="D", type=float, default=0.0, help="δ (0: min(1e-5, 1/(100·n)))")
+    t.add_argument("--dp-budget", metavar="E", type=float, default=0.0, help="lifetime ε per site (0: the ε)")
 
 
 def compare_config(args: argparse.Namespace, **fixed: Any) -> CompareConfig:
@@ -116,6 +136,12 @@ def compare_config(args: argparse.Namespace, **fixed: Any) -> CompareConfig:
         "split_seed": args.split_seed,
         "dp_clip": args.dp_clip,
         "dp_batch": args.dp_batch,
+        "dp_delta": args.dp_delta,
+        "dp_budget": args.dp_budget,
+        "model": args.model,
+        "weight_decay": args.weight_decay,
+        "val_fraction": args.val_fraction,
+        "test_fraction": args.test_fraction,
         **fixed,
     }
     try:
@@ -206,7 +232,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         choices=COHORTS,
         metavar="C",
         default="manifest",
-        help="sites from: manifest (site column), tcga (barcodes), camelyon16 (hospital table); or synthetic",
+        help="manifest|tcga|camelyon16|synthetic",
     )
     c.add_argument("--manifest", type=Path, metavar="M", help="cohort manifest (not with --cohort synthetic)")
     c.add_argument(
@@ -245,11 +271,9 @@ def _run(args: argparse.Namespace) -> int:
 COMMAND = Command(
     name="compare",
     help="compare local, pooled, FedAvg, FedProx(+DP) across sites (leave-one-site-out); resumable",
-    description="Train every method on identical patient-level splits and test it at hospitals it never saw "
-    "(loso: train on K−1 sites, test on all patients of the held-out one) and/or on the training sites' own "
-    "test patients (internal). Federated methods run the real ServerApp/ClientApp on Flower's simulation "
-    "engine. Each finished cell is kept in --out/cells; rerunning skips them. Ends with report.html, "
-    "report.md and results.csv.",
+    description="Train every method on identical patient splits; test at hospitals it never saw (loso) "
+    "and/or on the sites' own test patients (internal). Federations run the real apps on Flower's "
+    "simulation engine. Finished cells are kept in --out/cells (a rerun resumes); ends with the report.",
     add_arguments=_add_arguments,
     run=_run,
 )

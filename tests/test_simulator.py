@@ -128,7 +128,7 @@ def _run_config(manifest: Path, job: compare.Job, config: CompareConfig) -> RunC
         in_dim=8,
         manifest=str(manifest),
         val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction,
+        test_fraction=config.test_fraction_of(job.protocol),
         split_seed=job.split_seed,
     )
 
@@ -162,6 +162,9 @@ def test_no_patient_is_in_both_training_and_test(small_cohort: Path, tmp_path: P
                 for cell in job.cells:
                     assert not {b.patient_id for b in data.val} & cell.test_patients
             assert seen_train == job.train_patients
+            if protocol == "loso":  # the training sites hold back no test patients: train + validation only
+                everyone = {p for p, site in site_of.items() if site in job.train_sites}
+                assert seen_train | job.val_patients == everyone and job.val_patients
     # internal validation re-splits per seed; leave-one-site-out keeps one split
     assert len({j.split_seed for j in jobs}) == (2 if protocol == "internal" else 1)
 
