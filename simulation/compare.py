@@ -673,9 +673,37 @@ def run_comparison(
         ran += len(job.cells)
         say(f"  done in {seconds:.0f} s; AUROC at {', '.join(scores)}")
     say("\nreport: collecting finished cells")
-    results, report = render(out, cohort=cohort, config=config, n_boot=n_boot, say=say)
+    features = feature_provenance(manifest)
+    if features["random_init_files"]:
+        say(f"NOTE: {RANDOM_INIT_NOTE.format(**features)}")
+    results, report = render(out, cohort=cohort, config=config, n_boot=n_boot, say=say, features=features)
     sweep = finished_job_seconds(out)
     return Outcome(report, results, ran, skipped, failed, time.perf_counter() - started, sweep)
+
+
+RANDOM_INIT_NOTE = (
+    "{random_init_files} of {files} feature files were extracted with a randomly initialised encoder "
+    "({encoders}): these AUROCs measure the pipeline, not what the model would reach with pretrained weights"
+)
+
+
+def feature_provenance(manifest: Manifest) -> dict[str, Any]:
+    """What the cohort's feature files record about their encoder: names, and how many came from random weights."""
+    from fedpath.common.features import FeatureFileError, inspect_features
+
+    encoders: set[str] = set()
+    files = random_init = 0
+    for slide in manifest.slides:
+        if slide.features is None:
+            continue
+        try:
+            info = inspect_features(slide.features)
+        except FeatureFileError:
+            continue  # a broken file fails its job, with its name, where it is read
+        files += 1
+        encoders.add(info.encoder or "unknown")
+        random_init += bool(info.attrs.get("random_init", False))
+    return {"files": files, "random_init_files": random_init, "encoders": ", ".join(sorted(encoders))}
 
 
 def _auroc(rows: Sequence[PredictionRow]) -> float:
@@ -705,6 +733,7 @@ def render(
     config: CompareConfig,
     n_boot: int = 1000,
     say: Callable[[str], None] = print,
+    features: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Merge every finished cell into the report's inputs and write the report; (results.csv, report.html)."""
     predictions: list[PredictionRow] = []
@@ -721,6 +750,7 @@ def render(
         write_rounds(root / "rounds.csv", rounds)
     settings = {
         "cohort": cohort or {},
+        "features": features or {},
         "protocols": {p: f"test patients: {TEST_PATIENTS[p]}" for p in config.protocols},
         "training": {
             **config.training(),

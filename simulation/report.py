@@ -1282,9 +1282,18 @@ def report_blocks(analysis: Analysis, settings: Mapping[str, Any] | None, run_na
             "hospital? "
             f"Made by fedpath {fedpath_version()}."
         ),
-        Heading(2, "Findings"),
-        Bullets(tuple(findings(analysis))),
     ]
+    features = (settings or {}).get("features") or {}
+    if features.get("random_init_files"):
+        blocks.append(
+            Paragraph(
+                f"WARNING: {features['random_init_files']} of {features['files']} feature files were extracted "
+                f"with a randomly initialised encoder ({features.get('encoders', 'unknown')}). The numbers below "
+                "measure the pipeline and the training methods on those features, not what a pretrained "
+                "encoder would reach: do not read them as clinical performance."
+            )
+        )
+    blocks += [Heading(2, "Findings"), Bullets(tuple(findings(analysis)))]
     missing = missing_parts(analysis, settings)
     if missing:
         blocks += [Heading(2, "Not in this run"), Bullets(tuple(missing))]

@@ -271,3 +271,32 @@ def test_report_command(tmp_path: Path) -> None:
     failed = run_cli("report", str(tmp_path / "missing"))
     assert failed.returncode == 2 and "predictions.csv: file not found" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def test_features_from_a_random_encoder_get_a_warning_before_the_findings(tmp_path: Path) -> None:
+    from fedpath.common.features import FeatureMeta, write_features
+    from fedpath.common.manifest import load_manifest
+    from fedpath.simulation.compare import feature_provenance
+
+    signals: dict[str, tuple[float, float] | None] = {"pooled": (2.0, 2.0), "fedavg": (1.0, 1.0)}
+    write_csv(
+        tmp_path / "predictions.csv", HEADER[:-1], [r[:-1] for r in _prediction_rows(signals, ("loso",))]
+    )
+    # what the cohort's feature files say: one of two made with random weights
+    rows = []
+    for i, random_init in enumerate((True, False)):
+        meta = FeatureMeta(
+            slide_id=f"s{i}", encoder="resnet18", weights_sha256="none", tile_size_px=224,
+            tile_size_um=112.0, slide_mpp=0.5, random_init=random_init,
+        )  # fmt: skip
+        write_features(tmp_path / f"s{i}.h5", np.ones((3, 4), np.float32), np.zeros((3, 2), np.int64), meta)
+        rows.append([f"s{i}", f"p{i}", str(i), f"site-{i}", f"s{i}.h5"])
+    write_csv(tmp_path / "manifest.csv", ["slide_id", "patient_id", "label", "site", "features"], rows)
+    features = feature_provenance(load_manifest(tmp_path / "manifest.csv"))
+    assert features == {"files": 2, "random_init_files": 1, "encoders": "resnet18"}
+    (tmp_path / "settings.json").write_text(json.dumps({"features": features}))
+    text = write_report(tmp_path, n_boot=N_BOOT).markdown.read_text()
+    warning = text.index("WARNING: 1 of 2 feature files were extracted with a randomly initialised encoder")
+    assert warning < text.index("## Findings")
+    (tmp_path / "settings.json").write_text(json.dumps({"features": {**features, "random_init_files": 0}}))
+    assert "WARNING" not in write_report(tmp_path, n_boot=N_BOOT).markdown.read_text()
