@@ -378,6 +378,8 @@ class Summary:
             reasons.append("one class only: AUROC undefined")
         elif self.undefined:
             reasons.append(f"{self.undefined} test set(s) hold one class only and are left out")
+        if math.isfinite(self.auroc.high) and self.auroc.high < 0.5:
+            reasons.append("inverted: the whole AUROC CI lies below 0.5 (worse than chance)")
         return "; ".join(reasons)
 
 
@@ -1020,6 +1022,14 @@ def findings(analysis: Analysis) -> list[str]:
             elif protocol == main:
                 out.append(sentence)
     pooled = _best(analysis, main, ["pooled"])
+    beaten_by = _best(analysis, main, ["federated", "federated + DP"])
+    if pooled is not None and beaten_by is not None and beaten_by.auroc.value > pooled.auroc.value:
+        warnings.append(
+            f"⚠ Pooled training ({_est(pooled.auroc)}) scored below {beaten_by.method} "
+            f"({_est(beaten_by.auroc)}). Pooling every hospital's patients is the reference a federation tries "
+            "to match, so this is a sign that the baselines are under-trained or the test sets too small, "
+            "not a finding that federation beats pooling."
+        )
     if pooled is not None:
         out.append(
             f"Pooling every hospital's patients in one place (the reference a federation tries to match, "

@@ -300,3 +300,18 @@ def test_features_from_a_random_encoder_get_a_warning_before_the_findings(tmp_pa
     assert warning < text.index("## Findings")
     (tmp_path / "settings.json").write_text(json.dumps({"features": {**features, "random_init_files": 0}}))
     assert "WARNING" not in write_report(tmp_path, n_boot=N_BOOT).markdown.read_text()
+
+
+def test_pooled_losing_and_inverted_models_are_warnings_not_findings(tmp_path: Path) -> None:
+    signals: dict[str, tuple[float, float] | None] = {
+        "pooled": (0.3, 0.3),
+        "fedprox(mu=0.01)": (2.0, 2.0),
+        "local:site-B": (-3.0, -3.0),  # scores that rank the classes the wrong way round
+    }
+    write_csv(
+        tmp_path / "predictions.csv", HEADER[:-1], [r[:-1] for r in _prediction_rows(signals, ("loso",))]
+    )
+    text = write_report(tmp_path, n_boot=N_BOOT).markdown.read_text()
+    findings = text.split("## Findings", 1)[1].split("\n## ", 1)[0]
+    assert "⚠ Pooled training" in findings and "not a finding that federation beats pooling" in findings
+    assert "inverted: the whole AUROC CI lies below 0.5" in text
