@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +29,6 @@ from tests.helpers import run_cli, write_csv, write_feature_file
 
 Node = dict[str, bool | float | int | str]
 DIM = 6
-
-
-@pytest.fixture
-def task_identity() -> Iterator[None]:
-    """Flower's ClientApp dispatch needs a task identity outside a SuperNode."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 @pytest.fixture

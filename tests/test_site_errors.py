@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -48,17 +47,6 @@ Node = dict[str, bool | float | int | str]
 @pytest.fixture(autouse=True)
 def site_errors_flwr_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-
-
-@pytest.fixture
-def task_identity() -> Iterator[None]:
-    """Flower's ClientApp dispatch needs a task identity outside a SuperNode."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 def ask(kind: str, run: RunConfig, node_config: Node, model: torch.nn.Module | None = None) -> Message:
