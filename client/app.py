@@ -45,7 +45,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fedpath.client.policy import PolicyRefused, SitePolicy
+from fedpath.client.policy import NODE_CONFIG_KEYS, PolicyRefused, SitePolicy
 from fedpath.client.privacy import (
     LEDGER_KEY,
     BudgetExhausted,
@@ -83,13 +83,11 @@ from fedpath.common.runconfig import (
     RunConfigError,
     round_seed,
 )
-from fedpath.common.wire import load_arrays, model_to_arrays
+from fedpath.common.standardize import moments_of
+from fedpath.common.wire import MOMENTS_COUNT, load_arrays, model_to_arrays, moments_to_arrays
 
 app = ClientApp()
 logger = logging.getLogger(__name__)
-
-# The site's node config key for k, the fewest patients a metric may be computed over (a site policy).
-MIN_REPORT_PATIENTS_KEY = "min-report-patients"
 
 Handler = Callable[[Message, Context], Message]
 
@@ -150,7 +148,7 @@ def min_report_patients(node_config: Mapping[str, object]) -> int:
     researcher who runs it holds the whole cohort and is the coordinator too, so nobody is kept from
     anything and k is 1 there unless the node config says otherwise (the validation curve and best-round
     selection of a simulation then see every site)."""
-    if "partition-id" in node_config and MIN_REPORT_PATIENTS_KEY not in node_config:
+    if "partition-id" in node_config and NODE_CONFIG_KEYS["min_report_patients"] not in node_config:
         return 1
     return SitePolicy.from_node_config(node_config).min_report_patients
 
@@ -173,6 +171,7 @@ def local_train_config(run: RunConfig, site: str, server_round: int, proximal_mu
     # Under DP, SGD with momentum: Adam divides by the running gradient scale, which DP noise dominates.
     return TrainConfig(
         epochs=run.local_epochs,
+        steps=run.local_steps or None,
         lr=run.dp_lr if run.private else run.lr,
         optimizer="sgd" if run.private else "adamw",
         weight_decay=run.weight_decay,
@@ -246,6 +245,7 @@ def train(msg: Message, context: Context) -> Message:
                 ledger,
                 patients=len(site.train),
                 epochs=run.local_epochs,
+                steps=run.local_steps or None,
                 rounds_left=max(1, run.num_server_rounds - server_round + 1),
             )
             policy.check_noise(plan.noise_multiplier)
@@ -308,3 +308,23 @@ def evaluate(msg: Message, context: Context) -> Message:
             "seconds": time.perf_counter() - started,
         }
     return _reply(msg, site, MetricRecord(metrics), None)  # type: ignore[arg-type]
+
+
+@app.query()
+@reply_without_detail
+def statistics(msg: Message, context: Context) -> Message:
+    """Per-dimension tile count, sum and sum of squares over this site's training patients, for the feature
+    standardisation the sites agree on (fedpath.common.standardize). Aggregates over every training tile,
+    never a tile; only with at least k training patients, and never in a run with per-patient DP (its
+    accounting does not cover these sums): otherwise the reply holds the patient count alone."""
+    run = RunConfig.from_flower(context.run_config)
+    run.require_model_shape()
+    site = load_site(resolve_site(context.node_config, run), run)
+    check_compatible(site, run)
+    metrics: dict[str, int | float] = {WEIGHT_KEY: len(site.train)}
+    arrays = None
+    if not run.private and len(site.train) >= min_report_patients(context.node_config):
+        moments = moments_of(site.train)
+        metrics[MOMENTS_COUNT] = moments.count
+        arrays = moments_to_arrays(moments)
+    return _reply(msg, site, MetricRecord(metrics), arrays)  # type: ignore[arg-type]

@@ -25,7 +25,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedpath.common.accounting import DEFAULT_BUDGET_EPSILON
 
@@ -73,6 +73,14 @@ class SitePolicy(BaseModel):
     models: tuple[str, ...] = Field((), description="MIL models trained here (a,b; default any)")
     min_report_patients: int = Field(10, ge=1, description="fewest patients a metric is sent for")
 
+    @field_validator("models", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        """`a,b` (option and node config) → ("a", "b")."""
+        if isinstance(value, str):
+            return tuple(m.strip() for m in value.split(",") if m.strip())
+        return value
+
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object]) -> SitePolicy:
         """The policy in Flower's node config (keys in NODE_CONFIG_KEYS; absent = default)."""
@@ -86,10 +94,7 @@ class SitePolicy(BaseModel):
         values: dict[str, Any] = {}
         for name, key in NODE_CONFIG_KEYS.items():
             if key in node_config:
-                value = node_config[key]
-                if name == "models" and isinstance(value, str):
-                    value = tuple(m.strip() for m in value.split(",") if m.strip())
-                values[name] = value
+                values[name] = node_config[key]
         try:
             return cls.model_validate(values)
         except ValidationError as err:
@@ -187,8 +192,6 @@ def policy_from_args(args: argparse.Namespace) -> SitePolicy:
     for name in SitePolicy.model_fields:
         value = getattr(args, f"policy_{name}", None)
         if value is not None:
-            if name == "models":
-                value = tuple(m.strip() for m in str(value).split(",") if m.strip())
             values[name] = value
     try:
         return SitePolicy.model_validate(values)

@@ -468,15 +468,22 @@ class PrivatePlan:
 
 
 def plan_round(
-    config: DPConfig, ledger: PrivacyLedger, *, patients: int, epochs: int, rounds_left: int = 1
+    config: DPConfig,
+    ledger: PrivacyLedger,
+    *,
+    patients: int,
+    epochs: int,
+    rounds_left: int = 1,
+    steps: int | None = None,
 ) -> PrivatePlan:
-    """Resolve σ for this round and check the budget (raises BudgetExhausted).
+    """Resolve σ for this round and check the budget (raises BudgetExhausted). The round takes `steps`
+    noisy steps when given, else `epochs` passes' worth (1/q steps each).
 
     With `target_epsilon`, σ is calibrated so that this round and the `rounds_left − 1` after it, at the
     same σ, bring the ledger's total to the target.
     """
     q = sample_rate(config.expected_batch_size, patients)
-    steps = epochs * steps_per_epoch(q)
+    steps = steps or epochs * steps_per_epoch(q)
     if config.noise_multiplier is not None:
         sigma = config.noise_multiplier
     else:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import sys
 from pathlib import Path
 
 from fedpath.client.policy import add_policy_options
@@ -88,9 +87,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def supernode_command(args: argparse.Namespace, manifest: Path, site: str) -> list[str]:
-    exe = Path(sys.executable).parent / "flower-supernode"
+    from fedpath.common.processes import executable
+
     cmd = [
-        str(exe) if exe.exists() else "flower-supernode",
+        executable("flower-supernode"),
         "--superlink",
         args.superlink,
         "--port",
@@ -235,7 +235,13 @@ def _start(args: argparse.Namespace) -> int:
     )
     from fedpath.common.features import FeatureFileError
     from fedpath.common.manifest import ManifestError
-    from fedpath.common.processes import FlowerRuntimeError, executable, flower_env, start_process, supervise
+    from fedpath.common.processes import (
+        FlowerRuntimeError,
+        flower_env,
+        flwr_home,
+        start_process,
+        supervise,
+    )
     from fedpath.common.runconfig import RunConfig
 
     manifest = args.manifest.resolve()
@@ -247,7 +253,7 @@ def _start(args: argparse.Namespace) -> int:
     trust = {UNSIGNED_ENV: "1"} if args.allow_unsigned_apps else {TRUST_ENV: str(args.federation.resolve())}
     try:
         signers = signers_from_environment(trust)
-        executable("flower-supernode")
+        cmd = supernode_command(args, manifest, site)
     except (AppRefused, FlowerRuntimeError) as err:
         raise UserError(str(err)) from err
     print(
@@ -258,11 +264,9 @@ def _start(args: argparse.Namespace) -> int:
         print(f"site {site}: WARNING: --allow-unsigned-apps: this node runs any app the coordinator sends")
     else:
         print(f"site {site}: runs only apps signed by {', '.join(sorted(signers))} ({args.federation})")
-    home = (args.flwr_home or Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))).resolve()
+    home = flwr_home(args.flwr_home)
     # The node starts its ClientApps as `flwr-clientapp` from PATH: the site's launcher checks the signature.
     launcher = install_launcher(home / "fedpath-bin")
-    cmd = supernode_command(args, manifest, site)
-    cmd[0] = executable("flower-supernode")
     print("running:", shlex.join(cmd), flush=True)
     env = flower_env(home) | trust
     env["PATH"] = os.pathsep.join([str(launcher.parent), env["PATH"]])

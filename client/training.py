@@ -33,7 +33,12 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    epochs: int = Field(5, ge=1, description="local epochs over the training bags")
+    epochs: int = Field(5, ge=1, description="local epochs over the training bags (when steps is not set)")
+    steps: int | None = Field(
+        None,
+        ge=1,
+        description="optimizer steps in all, passing over the bags as often as that takes (instead of epochs)",
+    )
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(8, ge=1, description="bags per optimisation step")
@@ -48,7 +53,7 @@ class TrainConfig(BaseModel):
 
 @dataclass(frozen=True)
 class TrainStats:
-    loss: float  # mean cross-entropy over the last epoch's bags (without the proximal term)
+    loss: float  # mean cross-entropy over the last epoch's bags, or (steps) all bags seen; no proximal term
     bags: int
     steps: int
 
@@ -96,9 +101,14 @@ def train_epochs(
     progress: bool = False,
     privacy: PrivatePlan | None = None,
     after_epoch: Callable[[int], None] | None = None,
+    every: tuple[int, Callable[[int], None]] | None = None,
 ) -> TrainStats:
-    """Train `model` in place on `bags` for `config.epochs` epochs; `after_epoch(epoch)` (0-based) is called
-    after each one (a baseline's early-stopping rule looks at its validation patients there).
+    """Train `model` in place on `bags` for `config.epochs` epochs, or for exactly `config.steps` optimizer
+    steps when that is set (the bags are passed over as often as it takes, reshuffled every pass: a site of
+    3 patients and one of 300 then do the same amount of local work).
+
+    Callbacks, where a baseline's early-stopping rule looks at its validation patients: `after_epoch(epoch)`
+    (0-based) after each epoch; `every=(n, f)` calls f(k) after every n-th step (k = 1, 2, …).
 
     When `config.proximal_mu > 0`, the model's weights at entry are the FedProx anchor (the global model).
     With `privacy`, training is DP-SGD with the plan's σ, clipping norm and Poisson rate over the bags
@@ -133,10 +143,15 @@ def train_epochs(
         trained, optimizer, loader = make_private(
             model, optimizer, dataset, privacy, dim=dim, seed=config.seed
         )
+    limit = config.steps
     steps = 0
     epoch_loss = float("nan")
+    run_total, run_seen = 0.0, 0
+    bar = tqdm(total=limit or config.epochs, desc="steps" if limit else "epochs", disable=not progress,
+               leave=False)  # fmt: skip
     try:
-        for epoch in tqdm(range(config.epochs), desc="epochs", disable=not progress, leave=False):
+        epoch = 0
+        while (steps < limit) if limit else (epoch < config.epochs):
             dataset.set_epoch(epoch)
             total, seen = 0.0, 0
             for batch in loader:
@@ -157,13 +172,27 @@ def train_epochs(
                 steps += 1
                 total += float(loss.detach()) * len(batch.labels)
                 seen += len(batch.labels)
+                if limit:
+                    bar.update(1)
+                if every is not None and steps % every[0] == 0:
+                    every[1](steps // every[0])
+                    trained.train()
+                if limit and steps >= limit:
+                    break
+            run_total, run_seen = run_total + total, run_seen + seen
             epoch_loss = total / max(seen, 1)
+            if not limit:
+                bar.update(1)
             if after_epoch is not None:
                 after_epoch(epoch)
+                trained.train()
+            epoch += 1
     finally:
+        bar.close()
         if privacy is not None:
             trained._close()  # type: ignore[operator]  # removes Opacus's hooks and per-sample gradients
-    return TrainStats(loss=epoch_loss, bags=len(bags), steps=steps)
+    loss_out = run_total / max(run_seen, 1) if limit else epoch_loss
+    return TrainStats(loss=loss_out, bags=len(bags), steps=steps)
 
 
 @torch.no_grad()

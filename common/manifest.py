@@ -326,6 +326,14 @@ def _allocate(sizes: Sequence[int], fraction: float) -> list[int]:
     return [int(min(c, s)) for c, s in zip(counts, sizes, strict=True)]
 
 
+def _shuffled_strata(
+    patients: Sequence[str], labels: dict[str, int], num_classes: int, rng: np.random.Generator
+) -> list[list[str]]:
+    """The patients grouped by label index (class order), each group sorted by id, then shuffled by `rng`."""
+    strata = [sorted(p for p in patients if labels[p] == k) for k in range(num_classes)]
+    return [[str(p) for p in rng.permutation(s)] if s else [] for s in strata]
+
+
 def split_patients(
     manifest: Manifest, *, val: float = 0.15, test: float = 0.25, seed: int = 0
 ) -> dict[str, PatientSplit]:
@@ -341,9 +349,7 @@ def split_patients(
         # seeded by the site's name, not its position: a hospital's own one-site manifest and a simulation
         # over the whole cohort give that site the same split
         rng = np.random.default_rng([seed, zlib.crc32(site.encode("utf-8"))])
-        patients = list(manifest.for_site(site).patients())
-        strata = [sorted(p for p in patients if labels[p] == k) for k in range(manifest.num_classes)]
-        strata = [list(rng.permutation(s)) if s else [] for s in strata]
+        strata = _shuffled_strata(list(manifest.for_site(site).patients()), labels, manifest.num_classes, rng)
         sizes = [len(s) for s in strata]
         n_test = _allocate(sizes, test)
         n_val = _allocate(
@@ -358,3 +364,28 @@ def split_patients(
             tr.update(s[nt + nv :])
         out[site] = PatientSplit(frozenset(tr), frozenset(va), frozenset(te))
     return out
+
+
+def patient_folds(manifest: Manifest, folds: int, *, seed: int = 0) -> list[frozenset[str]]:
+    """`folds` disjoint sets of patients that cover every patient once (cross-validation), reproducible from
+    `seed`; all of a patient's slides go where the patient goes.
+
+    Stratified by the patient's label over the whole cohort: the patients of one class are dealt round-robin
+    over the folds, so two folds' counts of a class differ by at most one (and, as a class's patients are
+    dealt site by site, so do their counts of one site's patients of that class). A fold can only hold every
+    class when `folds` is at most the number of patients in the smallest class.
+    """
+    if folds < 2:
+        raise ValueError(f"{folds} fold(s): cross-validation needs at least 2")
+    labels = manifest.patient_labels()
+    # its own stream: the same seed's `split_patients` draws from per-site streams
+    rng = np.random.default_rng([seed, zlib.crc32(b"patient folds")])
+    by_site = [
+        _shuffled_strata(list(manifest.for_site(s).patients()), labels, manifest.num_classes, rng)
+        for s in manifest.sites
+    ]
+    dealt = [p for k in range(manifest.num_classes) for strata in by_site for p in strata[k]]
+    out: list[set[str]] = [set() for _ in range(folds)]
+    for i, patient in enumerate(dealt):
+        out[i % folds].add(patient)
+    return [frozenset(f) for f in out]

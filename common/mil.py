@@ -6,7 +6,8 @@ Every model maps a padded batch of bags to class logits and per-tile attention:
     MILOutput.logits: Float[Tensor, "batch class"];  MILOutput.attention: Float[Tensor, "batch tile"]
 
 `mask` is True for real tiles. Padding never changes a bag's output (in eval mode), and attention on padded
-tiles is exactly zero.
+tiles is exactly zero. Every model first standardises its tiles with the mean and scale stored in its
+`FeatureStandardizer` (buffers in the state dict; see fedpath.common.standardize).
 """
 
 from __future__ import annotations
@@ -52,6 +53,24 @@ def create_mil(name: str, *, in_dim: int, num_classes: int, **kwargs: Any) -> nn
     return _REGISTRY[name](in_dim=in_dim, num_classes=num_classes, **kwargs)
 
 
+class FeatureStandardizer(nn.Module):
+    """(features − mean) / scale over the last axis; identity until
+    `fedpath.common.standardize.set_standardization` is called.
+
+    Buffers: ``mean`` (D,), ``scale`` (D,), float32; part of the state dict, never trained."""
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.mean) / self.scale
+
+
 def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over the last axis where mask is True; masked entries get exactly zero weight."""
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
@@ -74,6 +93,7 @@ class GatedABMIL(nn.Module):
         dropout: float = 0.25,
     ) -> None:
         super().__init__()
+        self.standardize = FeatureStandardizer(in_dim)
         self.project = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
         self.attention_v = nn.Linear(hidden_dim, attention_dim)
         self.attention_u = nn.Linear(hidden_dim, attention_dim)
@@ -81,7 +101,7 @@ class GatedABMIL(nn.Module):
         self.classifier = nn.Linear(hidden_dim, num_classes)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
-        h = self.project(features)  # (B, T, H)
+        h = self.project(self.standardize(features))  # (B, T, H)
         gate = torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))
         weights = _masked_softmax(self.attention_w(gate).squeeze(-1), mask)  # (B, T)
         pooled = torch.einsum("bt,bth->bh", weights, h)
@@ -146,6 +166,7 @@ class TransformerMIL(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
+        self.standardize = FeatureStandardizer(in_dim)
         self.project = nn.Sequential(nn.Linear(in_dim, dim), nn.GELU())
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.blocks = nn.ModuleList([_Block(dim, heads, mlp_ratio, dropout) for _ in range(depth)])
@@ -154,7 +175,8 @@ class TransformerMIL(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
         b = features.shape[0]
-        tokens = torch.cat([self.cls_token.expand(b, -1, -1), self.project(features)], dim=1)
+        tiles = self.project(self.standardize(features))
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tiles], dim=1)
         key_mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=mask.device), mask], dim=1)
         attn = torch.empty(0)
         for block in self.blocks:

@@ -40,6 +40,11 @@ def executable(name: str) -> str:
     return found
 
 
+def flwr_home(given: Path | None) -> Path:
+    """Flower's folder for a command: the one given, else $FLWR_HOME, else Flower's own default ~/.flwr."""
+    return (given or Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))).resolve()
+
+
 def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for Flower processes: FLWR_HOME set, runtime dependency install and update check off,
     and this environment's scripts first on PATH (the SuperLink starts `flower-superexec` by name)."""

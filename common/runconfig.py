@@ -71,7 +71,15 @@ class RunConfig(BaseModel):
     in_dim: int = Field(0, ge=0, description="tile feature dimension D (0 = not set)")
     num_classes: int = Field(2, ge=2)
     # local training (site)
-    local_epochs: int = Field(1, ge=1, description="local epochs per round")
+    local_epochs: int = Field(1, ge=1, description="local epochs per round (when local-steps is 0)")
+    local_steps: int = Field(
+        5, ge=0, description="optimizer steps per round at every site, whatever its size (0 = local-epochs)"
+    )
+    standardize: bool = Field(
+        True,
+        description="before round 1, set the model's feature mean and SD from the sites' aggregate tile "
+        "statistics (not under per-patient DP, whose accounting does not cover them)",
+    )
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(8, ge=1, description="bags per optimisation step")

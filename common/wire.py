@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord, MetricRecord
 from torch import nn
+
+from fedpath.common.standardize import FeatureMoments
+
+# A site's reply to the standardisation query: the tile count in its MetricRecord, the per-dimension sums in
+# its ArrayRecord (float64).
+MOMENTS_COUNT = "tiles"
+MOMENTS_TOTAL = "sum"
+MOMENTS_SQUARES = "sum-of-squares"
 
 
 def model_to_arrays(model: nn.Module) -> ArrayRecord:
@@ -50,3 +58,29 @@ def update_problems(update: ArrayRecord, reference: ArrayRecord) -> list[str]:
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             problems.append(f"'{name}' contains NaN or Inf")
     return problems
+
+
+def moments_to_arrays(moments: FeatureMoments) -> ArrayRecord:
+    """A site's feature moments as the ArrayRecord of its statistics reply (its count goes in the metrics)."""
+    return ArrayRecord(
+        {MOMENTS_TOTAL: Array(moments.total.astype(np.float64)), MOMENTS_SQUARES: Array(moments.squares)}
+    )
+
+
+def moments_from_reply(arrays: ArrayRecord, metrics: MetricRecord, dim: int) -> FeatureMoments:
+    """The moments in a site's statistics reply; ValueError when they are malformed (wrong names, shape,
+    dtype, a non-finite value or a count below 1), so one odd site cannot skew every site's features."""
+    if set(arrays) != {MOMENTS_TOTAL, MOMENTS_SQUARES}:
+        raise ValueError(f"expected arrays {MOMENTS_TOTAL!r} and {MOMENTS_SQUARES!r}")
+    total, squares = arrays[MOMENTS_TOTAL].numpy(), arrays[MOMENTS_SQUARES].numpy()
+    count = metrics.get(MOMENTS_COUNT)
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"metric {MOMENTS_COUNT!r} must be a positive integer")
+    for name, values in ((MOMENTS_TOTAL, total), (MOMENTS_SQUARES, squares)):
+        if values.shape != (dim,) or not np.issubdtype(values.dtype, np.floating):
+            raise ValueError(f"{name!r} must be {dim} floats, got {values.dtype} {values.shape}")
+        if not np.isfinite(values).all():
+            raise ValueError(f"{name!r} holds NaN or Inf")
+    if (squares < 0).any():
+        raise ValueError(f"{MOMENTS_SQUARES!r} holds negative values")
+    return FeatureMoments(int(count), total.astype(np.float64), squares.astype(np.float64))

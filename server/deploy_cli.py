@@ -184,14 +184,13 @@ def instructions(out: Path, federation: object, port: int, names: list[str]) -> 
 
 
 def _register(args: argparse.Namespace) -> int:
-    import os
-
+    from fedpath.common.processes import flwr_home
     from fedpath.server import flower_runtime as fr
 
     missing = [str(p) for p in [args.root_certificates, *args.public_keys] if not p.is_file()]
     if missing:
         raise UserError(f"no such file: {', '.join(missing)}")
-    home = (args.flwr_home or Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))).resolve()
+    home = flwr_home(args.flwr_home)
     fr.write_connection(home, args.superlink, root_certificates=args.root_certificates)
     failed = 0
     for pub in args.public_keys:

@@ -20,7 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from fedpath.common.accounting import CENTRAL_DELTA, DEFAULT_BUDGET_EPSILON, DEFAULT_DELTA_RULE, epsilon_of
 from fedpath.common.mil import create_mil
@@ -34,7 +34,8 @@ from fedpath.server.runfolder import (
     load_checkpoint,
     resume_conflicts,
 )
-from fedpath.server.strategy import GuardedFedProx
+from fedpath.server.standardization import read_standardization, standardize_initial
+from fedpath.server.strategy import GuardedCentralDP, GuardedFedProx
 
 
 class NoSiteTrained(RuntimeError):
@@ -102,6 +103,8 @@ def run_federation(grid: Grid, run: RunConfig) -> RunFolder:
     folder = run_folder(run)
     folder.root.mkdir(parents=True, exist_ok=True)
     start = plan_start(run, folder)
+    if start.done_rounds == 0:
+        start = Start(standardize_initial(grid, run, start.state_dict, folder.root), 0)
     arrays = ArrayRecord(start.state_dict)
     remaining = run.num_server_rounds - start.done_rounds
     central = run.central_dp_noise > 0
@@ -118,7 +121,7 @@ def run_federation(grid: Grid, run: RunConfig) -> RunFolder:
     # to the mean; noise is sized for min-sites replies, so more replies only make it more private.
     top: Strategy = strategy
     if central:
-        top = DifferentialPrivacyServerSideFixedClipping(
+        top = GuardedCentralDP(
             strategy, run.central_dp_noise, run.central_dp_clip, num_sampled_clients=run.min_sites
         )
     config = run.model_dump()
@@ -164,9 +167,9 @@ def run_federation(grid: Grid, run: RunConfig) -> RunFolder:
             final_state = result.arrays.to_torch_state_dict()
     log(INFO, "federation finished in %.1f s", time.perf_counter() - started)
     untrained = no_training_reasons(run, history)
-    if untrained is None:
+    selection = select_round(history) if history and untrained is None else None
+    if selection is not None:
         # the presented model is the best round's (common/selection.py), not necessarily the last one's
-        selection = select_round(history)
         state = final_state
         if selection.round != run.num_server_rounds:
             state = load_checkpoint(folder.checkpoint_path(selection.round)).state_dict
@@ -178,7 +181,7 @@ def run_federation(grid: Grid, run: RunConfig) -> RunFolder:
         log(INFO, "model.pt: %s", selection.why)
     else:
         folder.model.unlink(missing_ok=True)  # nothing may look like a trained model
-    folder.write_model_card(model_card(run, folder, history))
+    folder.write_model_card(model_card(run, folder, history, selection))
     if untrained is not None:
         log(ERROR, "%s; model card: %s", untrained, folder.card_md)
         raise NoSiteTrained(untrained)
@@ -216,8 +219,11 @@ def no_training_reasons(run: RunConfig, history: list[dict[str, Any]]) -> str | 
     )
 
 
-def model_card(run: RunConfig, folder: RunFolder, history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Config, sites, rounds and metrics of the run (from the whole round log, resumed parts included)."""
+def model_card(
+    run: RunConfig, folder: RunFolder, history: list[dict[str, Any]], selection: Selection | None
+) -> dict[str, Any]:
+    """Config, sites, rounds and metrics of the run (from the whole round log, resumed parts included);
+    `selection`: the round model.pt holds (None: no model)."""
     sites = sorted({s for line in history for s in line["sites"]})
     last = history[-1] if history else {"sites": {}, "aggregate": {"evaluate": {}}}
     rejected = [
@@ -227,7 +233,6 @@ def model_card(run: RunConfig, folder: RunFolder, history: list[dict[str, Any]])
         if e["status"] != "ok"
     ]
     untrained = no_training_reasons(run, history)
-    selection = select_round(history) if history and untrained is None else None
     if selection is not None:
         last = next(line for line in history if line["round"] == selection.round)
     return {
@@ -235,6 +240,7 @@ def model_card(run: RunConfig, folder: RunFolder, history: list[dict[str, Any]])
         "trained": untrained is None,
         "no_site_trained": untrained,
         "privacy": privacy_summary(run, history),
+        "standardization": read_standardization(folder.root),
         "rounds": len(history),
         "sites": sites,
         "selected_round": None if selection is None else selection.round,

@@ -36,6 +36,8 @@ RESUME_INVARIANT = (
     "in_dim",
     "num_classes",
     "local_epochs",
+    "local_steps",
+    "standardize",
     "lr",
     "weight_decay",
     "batch_size",

@@ -62,13 +62,11 @@ def _add_server_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_server(args: argparse.Namespace) -> int:
-    import os
-
-    from fedpath.common.processes import start_process, supervise
+    from fedpath.common.processes import flwr_home, start_process, supervise
     from fedpath.server.flower_runtime import superlink_command, wait_healthy
     from fedpath.server.gateway import gateway_command
 
-    home = (args.flwr_home or Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))).resolve()
+    home = flwr_home(args.flwr_home)
     log_file = home / "superlink.log"
     if args.enable_supernode_auth and args.insecure:
         raise UserError(
@@ -141,7 +139,7 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
         metavar="R",
         type=int,
         default=5,
-        help="federated rounds (in total, resumed rounds included)",
+        help="federated rounds, resumed ones included",
     )
     g.add_argument(
         "--mu", metavar="MU", type=float, default=0.01, help="FedProx proximal weight μ (0 = FedAvg)"
@@ -149,10 +147,24 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--local-epochs", metavar="E", type=int, default=1, help="local epochs per round at each site"
     )
+    g.add_argument(
+        "--local-steps",
+        metavar="S",
+        type=int,
+        default=5,
+        help="optimizer steps per round per site (0: epochs)",
+    )
+    g.add_argument(
+        "--no-standardize",
+        dest="standardize",
+        action="store_false",
+        default=argparse.SUPPRESS,  # standardised unless given (and no "(default: True)" in the help)
+        help="features as they are, not by the sites' pooled mean/SD",
+    )
     g.add_argument("--lr", metavar="LR", type=float, default=1e-3, help="AdamW learning rate")
     g.add_argument("--batch-size", metavar="N", type=int, default=8, help="bags per optimisation step")
     g.add_argument(
-        "--max-tiles", metavar="N", type=int, default=512, help="random tiles per bag in training (0 = all)"
+        "--max-tiles", metavar="N", type=int, default=512, help="tiles per bag in training (0 = all)"
     )
     g.add_argument("--model", metavar="NAME", default="abmil", help="MIL aggregator (abmil, transformer)")
     g.add_argument(
@@ -188,9 +200,7 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     dp.add_argument(
         "--dp-clip", type=float, default=1.0, metavar="C", help="per-patient gradient clipping norm"
     )
-    dp.add_argument(
-        "--dp-lr", type=float, default=0.05, metavar="LR", help="learning rate under DP (SGD with momentum)"
-    )
+    dp.add_argument("--dp-lr", type=float, default=0.05, metavar="LR", help="lr under DP (SGD, momentum 0.9)")
     dp.add_argument(
         "--dp-delta", type=float, default=0.0, metavar="D", help="δ (default min(1e-5, 1/(100·patients)))"
     )
@@ -213,7 +223,7 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         metavar="Z",
-        help="client-level DP at the coordinator instead (weak with few sites; see README)",
+        help="client-level DP noise at the coordinator (see README)",
     )
     dp.add_argument("--central-dp-clip", type=float, default=10.0, metavar="C", help="update clipping norm")
 
@@ -227,6 +237,8 @@ def run_settings(args: argparse.Namespace, sites: int) -> dict[str, object]:
         "num_server_rounds": args.rounds,
         "proximal_mu": args.mu,
         "local_epochs": args.local_epochs,
+        "local_steps": args.local_steps,
+        "standardize": getattr(args, "standardize", True),
         "lr": args.lr,
         "batch_size": args.batch_size,
         "max_tiles": args.max_tiles,
@@ -280,7 +292,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--sites", required=True, type=int, help="number of sites expected in the federation")
     p.add_argument("--in-dim", required=True, type=int, help="tile feature dimension of the sites' features")
-    p.add_argument("--num-classes", type=int, default=2, help="label classes")
+    p.add_argument("--num-classes", metavar="C", type=int, default=2, help="label classes")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-wait", action="store_true", help="submit and return; follow with `flwr log`")
     p.add_argument(

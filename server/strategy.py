@@ -33,7 +33,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedProx
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedProx
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedpath.common.runconfig import (
@@ -47,6 +47,7 @@ from fedpath.common.runconfig import (
     WEIGHT_KEY,
 )
 from fedpath.common.wire import update_problems
+from fedpath.server.standardization import frozen_arrays
 
 
 @dataclass
@@ -268,6 +269,8 @@ class GuardedFedProx(FedProx):
         # FedAvg's aggregation without its check that all replies hold the same metric keys (see above).
         contents = [msg.content for _, msg in accepted]
         arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
+        for name in frozen_arrays(list(self.reference)):  # the agreed standardisation, not an average of it
+            arrays[name] = self.reference[name]
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         record.aggregated = arrays is not None
         record.train_aggregate = dict(metrics or {})  # type: ignore[arg-type]
@@ -326,3 +329,20 @@ class GuardedFedProx(FedProx):
         log(INFO, "\t├──> fedpath guard: updates with NaN/Inf or another layout are rejected per site")
         log(INFO, "\t│\t└── Minimum sites per round: %d; round offset: %d", self.min_sites, self.round_offset)
         super().summary()
+
+
+class GuardedCentralDP(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's client-level DP wrapper around `GuardedFedProx`, except that the standardizer's buffers are
+    put back after the noise is added: they are the coordinator's fixed values, not something learned, and
+    noise on a scale could make it zero or negative."""
+
+    strategy: GuardedFedProx
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            for name in frozen_arrays(list(self.strategy.reference)):
+                arrays[name] = self.strategy.reference[name]
+        return arrays, metrics

@@ -11,6 +11,11 @@ or the two CAMELYON16 hospitals.
 * ``camelyon16`` — RUMC or UMCU for each CAMELYON16 slide (``normal_001``, ``tumor_012.tif``, ``test_040``),
   as FLamby's Fed-Camelyon16 defines its centres (package data ``data/camelyon16_sites.csv``).
 
+Cohorts made rather than derived: `synthetic_cohort` (`fedpath.simulation.synth` with strong site shift) and
+`mil_cohort`, which turns a multiple-instance table (MUSK1, MUSK2: molecules as bags of conformations, the
+classic MIL benchmark) into one fedpath feature file per bag (raw values) and a manifest whose sites are dealt
+stratified by label, in equal shares (round-robin) or unequal ones (``size_skew``, as `fedpath synth`).
+
 `derive_cohort` writes the manifest with the derived `site` column (feature and slide paths made absolute,
 every other column kept) and returns what was done in words, for the report. The derived manifest is then
 loaded and checked like any other, so a patient whose slides land at two sites is an error naming the line.
@@ -19,17 +24,24 @@ loaded and checked like any other, so a patient whose slides land at two sites i
 from __future__ import annotations
 
 import csv
+import gzip
+import hashlib
 import io
+import json
 import re
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
 from fedpath.common.atomic import write_text_atomic
-from fedpath.common.manifest import PATH_COLUMNS, ManifestError, load_manifest
+from fedpath.common.manifest import PATH_COLUMNS, ManifestError, SlideRecord, load_manifest, write_manifest
 
 SITE_SOURCES = ("manifest", "tcga", "camelyon16")
 OTHER_SITE = "other"
@@ -49,7 +61,7 @@ class Cohort:
     """A manifest whose `site` column says which hospital each slide comes from, and how it was derived."""
 
     manifest: Path
-    source: str  # one of SITE_SOURCES
+    source: str  # one of SITE_SOURCES, "synthetic", or the name of a MIL table (musk1, musk2)
     sites: dict[str, int]  # site → patients, in manifest order
     notes: tuple[str, ...]  # what was derived or merged, one sentence each (for the report)
     members: dict[str, list[str]] = field(default_factory=dict)  # site → TSS codes or table names it holds
@@ -291,10 +303,218 @@ def synthetic_cohort(
         if not replace_other:
             raise
         path = synthesize(Path(out), config, progress=False, overwrite=True)
-    manifest = load_manifest(path)
-    patients = Counter(s.site for s in {s.patient_id: s for s in manifest.slides}.values())
     note = (
         f"Synthetic cohort (fedpath synth): {sites} sites, {slides} slides, {dim}-dim features, site shift "
         f"{config.shift:g}, signal {config.signal:g}, seed {seed}."
     )
-    return Cohort(path, "synthetic", {s: patients[s] for s in manifest.sites}, (note,), {})
+    return _cohort_of(path, "synthetic", (note,))
+
+
+def _cohort_of(path: Path, source: str, notes: tuple[str, ...]) -> Cohort:
+    manifest = load_manifest(path)
+    patients = Counter(s.site for s in {s.patient_id: s for s in manifest.slides}.values())
+    return Cohort(path, source, {s: patients[s] for s in manifest.sites}, notes, {})
+
+
+# --- multiple-instance tables (MUSK1, MUSK2) ----------------------------------------------------------------
+
+MIL_LAYOUTS = {
+    "headerless": "no header; column 1 the bag label (0/1), column 2 the bag id, the rest the features "
+    "(MUSK1 as musk1.csv)",
+    "pmlb": "a header with the bag column 'molecule_name', 'target' (the bag label) and the features; "
+    "'conformation_name' (the instance) is dropped (MUSK2 as PMLB's clean2)",
+}
+MIL_ENCODER = "none (features given by the table)"
+MUSK_SIZES = {"musk1": (92, 476), "musk2": (102, 6598)}  # bags, instances (UCI Musk; README of the data)
+
+
+class MilCohortConfig(BaseModel):
+    """How the bags of a multiple-instance table are dealt to sites."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sites: int = Field(4, ge=2, le=26, description="sites to deal the bags to, stratified by label")
+    size_skew: float = Field(0.0, ge=0, description="unequal sites: shares ∝ (k+1)^-size_skew (0 = equal)")
+    seed: int = Field(0, description="seed of the site assignment")
+
+
+@dataclass(frozen=True)
+class MilBag:
+    """One bag of a multiple-instance table: its id, label (0/1), instances (N, D) and first line."""
+
+    bag_id: str
+    label: int
+    instances: np.ndarray
+    line: int
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    raw = path.read_bytes()
+    data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    return io.StringIO(data.decode("utf-8-sig"))
+
+
+def read_mil_table(path: str | Path) -> tuple[list[MilBag], str]:
+    """The bags of a multiple-instance table (plain or gzipped, comma- or tab-separated) in one of the
+    `MIL_LAYOUTS`, and the layout's name. Every instance of a bag must carry the bag's label."""
+    path = Path(path)
+    if not path.is_file():
+        raise CohortError(f"{path}: no such file (give the MUSK1 or MUSK2 table, e.g. musk1.csv)")
+    text = _open_text(path)
+    first = text.readline()
+    text.seek(0)
+    delimiter = "\t" if "\t" in first else ","
+    rows = csv.reader(text, delimiter=delimiter)
+    header = [h.strip() for h in first.strip().split(delimiter)]
+    if "molecule_name" in header and "target" in header:
+        layout = "pmlb"
+        next(rows)
+        bag_col, label_col = header.index("molecule_name"), header.index("target")
+        skip = {
+            bag_col,
+            label_col,
+            *([header.index("conformation_name")] if "conformation_name" in header else []),
+        }
+        start = 2
+    else:
+        layout, bag_col, label_col, skip, start = "headerless", 1, 0, {0, 1}, 1
+    bags: dict[str, tuple[int, int, list[list[float]]]] = {}
+    width = None
+    for line, row in enumerate(rows, start=start):
+        if not any(v.strip() for v in row):
+            continue
+        try:
+            values = [float(v) for i, v in enumerate(row) if i not in skip]
+            label = int(float(row[label_col]))
+        except (ValueError, IndexError):
+            raise CohortError(
+                f"{path}, line {line}: not a row of numbers in the {layout} layout ({MIL_LAYOUTS[layout]})"
+            ) from None
+        width = width or len(values)
+        if len(values) != width or label not in (0, 1):
+            what = f"{len(values)} features, not {width}" if len(values) != width else f"label {label}"
+            raise CohortError(f"{path}, line {line}: {what}; expected {MIL_LAYOUTS[layout]}")
+        bag = row[bag_col].strip()
+        first_line, bag_label, instances = bags.setdefault(bag, (line, label, []))
+        if label != bag_label:
+            raise CohortError(
+                f"{path}, line {line}: bag '{bag}' has label {label} here but {bag_label} on line "
+                f"{first_line}; every instance of a bag must carry the bag's label"
+            )
+        instances.append(values)
+    if not bags:
+        raise CohortError(f"{path}: no bags found; expected {MIL_LAYOUTS[layout]}")
+    return [
+        MilBag(bag, label, np.asarray(inst, dtype=np.float32), line)
+        for bag, (line, label, inst) in bags.items()
+    ], layout
+
+
+def deal_sites(labels: Sequence[int], sites: int, *, size_skew: float = 0.0, seed: int = 0) -> list[int]:
+    """Site index (0 … sites−1) of each item, stratified: every class is dealt over the sites in shares
+    ∝ (k+1)^-size_skew (`fedpath synth`'s site sizes; 0 = equal shares, a round-robin), at least one item
+    of a class per site where the class has as many items as there are sites."""
+    rng = np.random.default_rng(seed)
+    shares = np.arange(1, sites + 1, dtype=float) ** -size_skew
+    shares /= shares.sum()
+    out = np.zeros(len(labels), dtype=int)
+    totals = np.zeros(sites, dtype=int)
+    for k in sorted(set(labels)):
+        items = rng.permutation([i for i, y in enumerate(labels) if y == k])
+        least = 1 if len(items) >= sites else 0
+        ideal = shares * (len(items) - least * sites)
+        counts = np.floor(ideal).astype(int) + least
+        # largest remainder; ties (equal shares) go to the sites with fewer items so far
+        order = sorted(range(sites), key=lambda s: (-(ideal[s] - np.floor(ideal[s])), totals[s], s))
+        for s in order[: len(items) - int(counts.sum())]:
+            counts[s] += 1
+        out[items] = np.repeat(np.arange(sites), counts)
+        totals += counts
+    return [int(s) for s in out]
+
+
+def mil_cohort(
+    table: str | Path,
+    out: str | Path,
+    config: MilCohortConfig,
+    *,
+    name: str | None = None,
+    overwrite: bool = False,
+) -> Cohort:
+    """Convert a multiple-instance table (MUSK1, MUSK2) into a fedpath cohort in `out`: one feature file per
+    bag under ``features/`` (its instances as tiles, raw values: training standardises them from the training
+    sites), ``manifest.csv`` (one patient per bag, sites dealt by `deal_sites`) and ``cohort.json``.
+
+    `name` (default: the table's file name up to its first dot, e.g. ``musk1``) prefixes the bag ids. A cohort
+    already in `out` from the same table and settings is reused; one from another is a FileExistsError unless
+    `overwrite`."""
+    from fedpath.common.features import FeatureMeta, write_features
+    from fedpath.simulation.synth import site_names
+
+    table, out = Path(table), Path(out)
+    if not table.is_file():
+        raise CohortError(f"{table}: no such file (give the MUSK1 or MUSK2 table, e.g. musk1.csv)")
+    name = name or table.name.split(".")[0]
+    manifest_path, info_path = out / "manifest.csv", out / "cohort.json"
+    source = {"file": table.name, "sha256": hashlib.sha256(table.read_bytes()).hexdigest()}
+    wanted = {"name": name, "source": source, "config": config.model_dump()}
+    notes = (
+        f"Multiple-instance table {table.name} ({name}): one bag per patient, its instances as tiles; "
+        f"{config.sites} sites, bags dealt stratified by label"
+        + (f" in shares ∝ (k+1)^-{config.size_skew:g}" if config.size_skew else " in equal shares")
+        + f" (seed {config.seed}).",
+    )
+    if not overwrite and manifest_path.exists() and info_path.exists():
+        if {k: v for k, v in json.loads(info_path.read_text()).items() if k in wanted} == wanted:
+            return _cohort_of(manifest_path, name, notes)
+        raise FileExistsError(
+            f"{out} holds a cohort made from another table or with other settings; use another folder"
+        )
+    bags, layout = read_mil_table(table)
+    instances = sum(len(b.instances) for b in bags)
+    if name in MUSK_SIZES and MUSK_SIZES[name] != (len(bags), instances):
+        bags_expected, instances_expected = MUSK_SIZES[name]
+        raise CohortError(
+            f"{table}: {len(bags)} bags and {instances} instances, but {name.upper()} has {bags_expected} bags "
+            f"and {instances_expected} instances: give the {name.upper()} table, or name the cohort otherwise"
+        )
+    if len(bags) < config.sites:
+        raise CohortError(f"{table}: {len(bags)} bags are too few for {config.sites} sites")
+    sites = deal_sites([b.label for b in bags], config.sites, size_skew=config.size_skew, seed=config.seed)
+    names = site_names(config.sites)
+    width = len(str(len(bags)))
+    records = []
+    for bag, site in zip(bags, sites, strict=True):
+        number = f"{int(bag.bag_id):0{width}d}" if bag.bag_id.isdigit() else None
+        slide_id = f"{name}-{number or re.sub(r'[^A-Za-z0-9._-]+', '-', bag.bag_id)}"
+        path = out / "features" / f"{slide_id}.h5"
+        n = len(bag.instances)
+        meta = FeatureMeta(
+            slide_id=slide_id,
+            encoder=MIL_ENCODER,
+            weights_sha256=source["sha256"],
+            tile_size_px=1,
+            tile_size_um=1.0,
+            slide_mpp=None,
+            mpp_source="none: instances of a multiple-instance table, not tiles",
+            extra={"source_table": table.name, "source_bag": bag.bag_id, "source_line": bag.line},
+        )
+        # coordinates: the instance's index (a table's instances have no place on a slide)
+        write_features(
+            path, bag.instances, np.stack([np.arange(n), np.zeros(n)], axis=1).astype(np.int64), meta
+        )
+        records.append(
+            SlideRecord(slide_id, slide_id, names[site], str(bag.label), bag.label, path, None, None, 0)
+        )
+    write_manifest(manifest_path, sorted(records, key=lambda r: r.site))  # site-A first
+    dims = {len(b.instances[0]) for b in bags}
+    info = {
+        **wanted,
+        "layout": layout,
+        "bags": len(bags),
+        "instances": instances,
+        "dim": dims.pop(),
+        "site_bags": dict(Counter(names[s] for s in sites)),
+    }
+    write_text_atomic(info_path, json.dumps(info, indent=2) + "\n")
+    return _cohort_of(manifest_path, name, notes)

@@ -5,7 +5,13 @@ Protocols
     ``loso`` (leave-one-site-out): for every site, train on the other K−1 sites and test on **all** patients
     of the held-out site (none of them took part in training); the training sites' patients are split into
     training and validation only (``val_fraction``), none is held back for testing. ``internal``: train on all sites, test on
-    each site's own held-out test patients (`split_patients`, fraction ``test_fraction``).
+    each site's own held-out test patients (`split_patients`, fraction ``test_fraction``). ``cv``
+    (``folds``-fold cross-validation at patient level, to set results beside published tables): the cohort's
+    patients are dealt into folds stratified by label (`patient_folds`); for fold f, test on its patients (all
+    sites) and train on the others, each site's split into training and validation only (``val_fraction``).
+    Cells' test site is the fold (``fold-01``, ...). Under cv, ``local:SITE`` is tested on the whole fold, a
+    federation's manifest names only its sites' training and validation patients, and seed i deals the folds
+    (and splits) with ``split_seed + i``.
 
 Methods (all on the same `split_patients` splits, the same initial weights and the same epoch budget: a site
 trains ``rounds × local_epochs`` epochs over its training patients in every method)
@@ -42,30 +48,52 @@ import math
 import re
 import shutil
 import time
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedpath.common.atomic import write_text_atomic
-from fedpath.common.manifest import Manifest, load_manifest, split_patients, write_manifest
+from fedpath.common.manifest import (
+    Manifest,
+    PatientSplit,
+    load_manifest,
+    patient_folds,
+    split_patients,
+    write_manifest,
+)
 from fedpath.common.selection import SELECTION_RULE
+from fedpath.simulation.headline import (
+    BEST_HOSPITAL,
+    MEAN_OF_HOSPITALS,
+    METHOD,
+    ORACLE,
+    Comparison,
+    ComparisonRow,
+    comparison,
+    load_results,
+)
+from fedpath.simulation.headline import paired_difference as paired_mean_difference
 from fedpath.simulation.report import (
     ALL_SITES,
+    Analysis,
     PredictionRow,
+    ReportPaths,
     RoundRow,
+    TrainingFacts,
     load_predictions,
     load_rounds,
     write_predictions,
     write_report,
     write_rounds,
+    write_training,
 )
 
-PROTOCOLS = ("loso", "internal")
+PROTOCOLS = ("loso", "internal", "cv")
 METHODS = ("local", "pooled", "fedavg", "fedprox", "fedprox-dp")
 FEDERATED = ("fedavg", "fedprox", "fedprox-dp")
 DONE = "done.json"
@@ -73,11 +101,15 @@ STATE = "comparison.json"
 TEST_PATIENTS = {
     "loso": "all patients of the held-out site",
     "internal": "the test split of each site (test_fraction of its patients, stratified by label)",
+    "cv": "the fold's patients at every site (folds of the cohort's patients, stratified by label)",
 }
 # Settings that change what a cell computes: a run folder's cells must all share them.
 TRAINING_KEYS = (
+    "folds",
     "rounds",
     "local_epochs",
+    "local_steps",
+    "standardize",
     "lr",
     "weight_decay",
     "batch_size",
@@ -103,18 +135,25 @@ class CompareConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    protocols: tuple[str, ...] = Field(("loso",), description="loso and/or internal")
+    protocols: tuple[str, ...] = Field(("loso",), description="loso, internal and/or cv")
     methods: tuple[str, ...] = Field(("local", "pooled", "fedavg", "fedprox"), description="methods to run")
     seeds: int = Field(3, ge=1, description="training seeds per cell")
+    folds: int = Field(10, ge=2, description="cv: patient folds, stratified by label")
     mu: tuple[float, ...] = Field((0.01,), description="FedProx μ grid")
     dp_epsilons: tuple[float, ...] = Field((1.0, 4.0, 8.0), description="ε grid of fedprox-dp (per site)")
     dp_mu: float | None = Field(
         None, ge=0, description="FedProx μ of fedprox-dp (default: first of the μ grid)"
     )
     rounds: int = Field(10, ge=1, description="federated rounds")
-    local_epochs: int = Field(1, ge=1, description="local epochs per round")
+    local_epochs: int = Field(1, ge=1, description="local epochs per round (when local_steps is 0)")
+    local_steps: int = Field(
+        5, ge=0, description="optimizer steps per round at every site (0 = local_epochs epochs)"
+    )
+    standardize: bool = Field(
+        True, description="standardise tile features with the training sites' pooled mean and SD"
+    )
     lr: float = Field(3e-3, gt=0, description="AdamW learning rate")
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
     batch_size: int = Field(8, ge=1, description="bags (patients) per optimisation step")
     max_tiles: int = Field(512, ge=0, description="random tiles per bag in training (0 = all)")
     model: str = Field("abmil", description="MIL aggregator")
@@ -126,7 +165,7 @@ class CompareConfig(BaseModel):
         description="internal protocol: test share of each site (LOSO tests the held-out site)",
     )
     train_seed: int = Field(0, description="training seed of seed 0 (seed i: train_seed + i)")
-    split_seed: int = Field(0, description="split seed (internal seed i: split_seed + i)")
+    split_seed: int = Field(0, description="split seed (internal and cv, seed i: split_seed + i)")
     dp_clip: float = Field(1.0, gt=0, description="per-patient gradient clipping norm")
     dp_delta: float = Field(0.0, ge=0, lt=1, description="δ (0 = min(1e-5, 1/(100·patients at the site)))")
     dp_batch: int = Field(0, ge=0, description="expected patients per DP-SGD step (0 = batch_size)")
@@ -196,7 +235,7 @@ class Job:
     family: str  # one of METHODS
     method: str  # the name in the report: local:SITE, pooled, fedavg, fedprox(mu=…), fedprox-dp(mu=…, eps=…)
     train_sites: tuple[str, ...]
-    label: str  # which training sites, for folder names: the site (local), without-SITE (loso), all-sites
+    label: str  # which training sites, for folder names: the site (local), without-SITE (loso), all-sites, the fold (cv)
     seed: int
     split_seed: int
     mu: float
@@ -240,28 +279,74 @@ def plan(manifest: Manifest, config: CompareConfig) -> list[Job]:
         raise CompareError(
             f"{manifest.path}: {len(manifest.sites)} site; a comparison needs at least 2 sites"
         )
+    if "cv" in config.protocols:
+        check_folds(manifest, config.folds)
     jobs: list[Job] = []
     for protocol in config.protocols:
         for i in range(config.seeds):
-            split_seed = config.split_seed + (i if protocol == "internal" else 0)
+            split_seed = config.split_seed + (0 if protocol == "loso" else i)
             jobs += _seed_jobs(manifest, config, protocol, config.train_seed + i, split_seed)
     return sorted(jobs, key=lambda j: (j.federated, j.seed if j.federated else 0))
+
+
+def fold_name(fold: int, folds: int) -> str:
+    """The test site of cv fold `fold` (0-based) in cells and folders: ``fold-01``, zero-padded to sort right."""
+    return f"fold-{fold + 1:0{max(2, len(str(folds)))}d}"
+
+
+def check_folds(manifest: Manifest, folds: int) -> None:
+    """Every fold must hold every class: `folds` at most the patients of the smallest class."""
+    counts = Counter(manifest.patient_labels().values())
+    per_class = {c: counts.get(k, 0) for k, c in enumerate(manifest.classes)}
+    fewest = min(per_class.values())
+    if folds > fewest:
+        listed = ", ".join(f"label {c}: {n}" for c, n in per_class.items())
+        fix = f"use --folds {fewest} or fewer" if fewest >= 2 else "cv needs 2 patients of every class"
+        raise CompareError(
+            f"{manifest.path}: {folds} folds, but the smallest class has {fewest} patient(s) ({listed}), so "
+            f"some fold would miss a class; {fix}"
+        )
 
 
 def _seed_jobs(
     manifest: Manifest, config: CompareConfig, protocol: str, seed: int, split_seed: int
 ) -> list[Job]:
     """The jobs of one protocol and seed."""
-    sites = manifest.sites
-    splits = split_patients(
-        manifest, val=config.val_fraction, test=config.test_fraction_of(protocol), seed=split_seed
-    )
-    everyone = manifest.patients()
+    if protocol != "cv":
+        splits = split_patients(
+            manifest, val=config.val_fraction, test=config.test_fraction_of(protocol), seed=split_seed
+        )
+        site_of = {p: slides[0].site for p, slides in manifest.patients().items()}
+        tests = {
+            s: frozenset(p for p, at in site_of.items() if at == s) if protocol == "loso" else splits[s].test
+            for s in manifest.sites
+        }
+        return _split_jobs(config, protocol, seed, split_seed, splits, tests)
+    jobs = []
+    everyone = set(manifest.patients())
+    for f, test in enumerate(patient_folds(manifest, config.folds, seed=split_seed)):
+        # the fold is out of every split: each site's other patients serve training and validation only, split
+        # as the ClientApp splits the federation's manifest of exactly these patients (test fraction 0)
+        rest = manifest.for_patients(everyone - test)
+        splits = split_patients(rest, val=config.val_fraction, test=0.0, seed=split_seed)
+        # a site whose patients are all in the fold sits the fold out
+        splits = {s: split for s, split in splits.items() if split.train}
+        jobs += _split_jobs(config, protocol, seed, split_seed, splits, {fold_name(f, config.folds): test})
+    return jobs
 
-    def tested(site: str) -> frozenset[str]:
-        if protocol == "loso":
-            return frozenset(p for p, slides in everyone.items() if slides[0].site == site)
-        return splits[site].test
+
+def _split_jobs(
+    config: CompareConfig,
+    protocol: str,
+    seed: int,
+    split_seed: int,
+    splits: dict[str, PatientSplit],
+    tests: dict[str, frozenset[str]],
+) -> list[Job]:
+    """The jobs of one patient split: `splits` holds the sites that may train (their training and validation
+    patients), `tests` the test sets by cell name (a site under loso and internal, the fold under cv)."""
+    sites = list(splits)
+    fold = next(iter(tests)) if protocol == "cv" else ""
 
     def job(
         family: str,
@@ -283,26 +368,23 @@ def _seed_jobs(
             mu=mu,
             epsilon=eps,
             train_patients=frozenset().union(*(splits[s].train for s in train)),
-            cells=tuple(Cell(protocol, method, t, seed, split_seed, eps, tested(t)) for t in test),
+            cells=tuple(Cell(protocol, method, t, seed, split_seed, eps, tests[t]) for t in test),
             val_patients=frozenset().union(*(splits[s].val for s in train)),
         )
 
     jobs = []
     if "local" in config.methods:
         for s in sites:
-            jobs.append(
-                job(
-                    "local", f"local:{s}", [s], s, [t for t in sites if t != s] if protocol == "loso" else [s]
-                )
-            )
+            tested = {"loso": [t for t in sites if t != s], "internal": [s]}.get(protocol, [fold])
+            jobs.append(job("local", f"local:{s}", [s], fold or s, tested))
     for family, method, mu, eps in method_names(config):
-        if protocol == "internal":
-            jobs.append(job(family, method, sites, "all-sites", sites, mu, eps))
-            continue
-        for held in sites:
-            jobs.append(
-                job(family, method, [s for s in sites if s != held], f"without-{held}", [held], mu, eps)
-            )
+        if protocol == "loso":
+            for held in sites:
+                jobs.append(
+                    job(family, method, [s for s in sites if s != held], f"without-{held}", [held], mu, eps)
+                )
+        else:
+            jobs.append(job(family, method, sites, fold or "all-sites", list(tests), mu, eps))
     return jobs
 
 
@@ -380,10 +462,14 @@ class Trained:
 
 
 def train_baseline(manifest: Manifest, job: Job, config: CompareConfig) -> Trained:
-    """local / pooled: `train_epochs` outside Flower, with a federation's initial weights and epoch budget,
-    and the federations' rule for which weights to present (`fedpath.common.selection`): every
-    ``local_epochs`` epochs stand for a round, the validation loss on the job's validation patients is taken
-    there, and the model is the best such round's."""
+    """local / pooled: `train_epochs` outside Flower, with a federation's initial weights, standardisation
+    (from the job's own training patients' tiles) and budget, and the federations' rule for which weights to
+    present (`fedpath.common.selection`): the validation loss on the job's validation patients is taken after
+    every block of work that stands for a round, and the model is the best such round's.
+
+    A round: ``local_epochs`` epochs; with ``local_steps``, that many optimizer steps per training site (a
+    local model: ``local_steps``; pooled over K sites: K × ``local_steps``, the steps the federation's sites
+    take together in a round)."""
     import torch
 
     from fedpath.client.training import TrainConfig, predict, train_epochs
@@ -391,6 +477,7 @@ def train_baseline(manifest: Manifest, job: Job, config: CompareConfig) -> Train
     from fedpath.common.features import inspect_features
     from fedpath.common.mil import create_mil
     from fedpath.common.selection import best_round
+    from fedpath.common.standardize import moments_of, set_standardization
 
     bags = bags_from_manifest(manifest.for_patients(job.train_patients))
     if not bags:
@@ -400,8 +487,12 @@ def train_baseline(manifest: Manifest, job: Job, config: CompareConfig) -> Train
     assert first is not None
     torch.manual_seed(job.seed)  # as the coordinator's initial weights (server/federation.initial_weights)
     model = create_mil(config.model, in_dim=inspect_features(first).dim, num_classes=manifest.num_classes)
+    if config.standardize:
+        set_standardization(model, moments_of(bags))
+    round_steps = config.local_steps * len(job.train_sites)
     train_config = TrainConfig(
         epochs=config.rounds * config.local_epochs,
+        steps=config.rounds * round_steps or None,
         lr=config.lr,
         weight_decay=config.weight_decay,
         batch_size=config.batch_size,
@@ -411,16 +502,19 @@ def train_baseline(manifest: Manifest, job: Job, config: CompareConfig) -> Train
     losses: list[tuple[int, float | None]] = []
     states: dict[int, dict[str, Any]] = {}
 
-    def after_epoch(epoch: int) -> None:
-        if (epoch + 1) % config.local_epochs:
-            return
-        r = (epoch + 1) // config.local_epochs
+    def end_of_round(r: int) -> None:
         losses.append((r, predict(model, val).loss if val else None))
         if losses[-1][1] is not None and losses[-1][1] == min(x for _, x in losses if x is not None):
             states[r] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        model.train()
 
-    train_epochs(model, bags, train_config, after_epoch=after_epoch)
+    def after_epoch(epoch: int) -> None:
+        if not (epoch + 1) % config.local_epochs:
+            end_of_round((epoch + 1) // config.local_epochs)
+
+    if round_steps:
+        train_epochs(model, bags, train_config, every=(round_steps, end_of_round))
+    else:
+        train_epochs(model, bags, train_config, after_epoch=after_epoch)
     selection = best_round(losses)
     if selection.round in states and selection.round != config.rounds:
         model.load_state_dict(states[selection.round])
@@ -429,12 +523,14 @@ def train_baseline(manifest: Manifest, job: Job, config: CompareConfig) -> Train
 
 
 def federation_manifest(manifest: Manifest, job: Job, folder: Path) -> Path:
-    """The manifest the federation's sites read: the cohort's, or (LOSO) the training sites' rows only,
-    written into the job folder, so the held-out site's files are not even named to the federation."""
-    if set(job.train_sites) == set(manifest.sites):
+    """The manifest the federation's sites read: the cohort's (internal: the ClientApp holds back each site's
+    test patients itself), or (LOSO, cv) the rows of the job's training and validation patients only, written
+    into the job folder, so the held-out site's or fold's files are not even named to the federation."""
+    if job.protocol == "internal":
         return manifest.path
     path = folder / "manifest.csv"
-    write_manifest(path, [s for s in manifest.slides if s.site in job.train_sites])
+    seen = job.train_patients | job.val_patients
+    write_manifest(path, [s for s in manifest.slides if s.site in job.train_sites and s.patient_id in seen])
     classes = load_manifest(path).classes
     if classes != manifest.classes:
         raise CompareError(
@@ -465,6 +561,8 @@ def train_federation(
         proximal_mu=job.mu,
         min_sites=len(job.train_sites),
         local_epochs=config.local_epochs,
+        local_steps=config.local_steps,
+        standardize=config.standardize,
         lr=config.lr,
         weight_decay=config.weight_decay,
         batch_size=config.batch_size,
@@ -547,7 +645,7 @@ def score(manifest: Manifest, model: Any, cell: Cell) -> list[PredictionRow]:
 
 def round_rows(cell: Cell, lines: Sequence[dict[str, Any]]) -> list[RoundRow]:
     """The round log of a federation as rounds.csv rows: mean training loss and validation AUROC per round."""
-    site = cell.test_site if cell.protocol == "loso" else ALL_SITES
+    site = ALL_SITES if cell.protocol == "internal" else cell.test_site  # loso: held-out site; cv: fold
     out = []
     for line in lines:
         aggregate = line.get("aggregate", {})
@@ -563,14 +661,29 @@ def round_rows(cell: Cell, lines: Sequence[dict[str, Any]]) -> list[RoundRow]:
 
 
 def write_cell(
-    root: Path, job: Job, cell: Cell, trained: Trained, rows: list[PredictionRow], seconds: float
+    root: Path,
+    job: Job,
+    cell: Cell,
+    trained: Trained,
+    rows: list[PredictionRow],
+    seconds: float,
+    *,
+    validation: Sequence[PredictionRow] = (),
+    train_classes: int | None = None,
 ) -> None:
-    """predictions.csv (and rounds.csv) first, done.json last: a cell without done.json is not finished."""
+    """predictions.csv (and rounds.csv, validation.csv) first, done.json last: a cell without done.json is
+    not finished. `validation`: the job's model on its validation patients (any cell of the job: rows are
+    re-labelled with this cell); `train_classes`: classes among the training patients."""
     folder = cell_dir(root, cell)
     write_predictions(folder / "predictions.csv", rows)
     rounds = round_rows(cell, trained.rounds)
     if rounds:
         write_rounds(folder / "rounds.csv", rounds)
+    if validation:
+        write_predictions(
+            folder / "validation.csv",
+            [replace(r, test_site=cell.test_site, seed=cell.seed) for r in validation],
+        )
     done = {
         "protocol": cell.protocol,
         "method": cell.method,
@@ -581,6 +694,8 @@ def write_cell(
         "mu": job.mu if job.family != "local" and job.family != "pooled" else None,
         "train_sites": list(job.train_sites),
         "train_patients": sorted(job.train_patients),
+        "train_classes": train_classes,
+        "val_patients": sorted(job.val_patients),
         "test_patients": sorted(cell.test_patients),
         "model": trained.note,
         "privacy_spent": trained.privacy,
@@ -603,14 +718,26 @@ class Outcome:
     failed: list[str]  # one line per failed job
     seconds: float  # wall time of this invocation
     sweep_seconds: float  # training time of every finished job, earlier invocations included
-
-
-def _eta(remaining: Sequence[Job], durations: dict[bool, list[float]], rounds: int) -> str:
-    guess = {True: 35.0 + 2.0 * rounds, False: 5.0}  # s: Flower start-up + rounds; a baseline (first guess)
-    total = sum(
-        np.mean(durations[j.federated]) if durations[j.federated] else guess[j.federated] for j in remaining
+    analysis: Analysis | None = (
+        None  # what the report shows; `headline(outcome.analysis, protocol)` prints it
     )
-    return f"{total / 60:.0f} min" if total >= 90 else f"{total:.0f} s"
+
+
+def _eta(remaining: Sequence[Job], durations: Mapping[str, Sequence[float]]) -> str:
+    """Time left: the jobs still to run, each at the mean time of the finished jobs of its family. No guess
+    before a family has a finished job: on a busy 2-core machine (the demo's cohort, 10 rounds) a federation of
+    3 sites took 30–54 s, a local model 11–19 s and a pooled one 6–35 s, where the old fixed guess said 55 s
+    and 5 s; all scale with the cohort, the rounds and the cores, so no fixed first guess holds."""
+
+    def seconds(total: float) -> str:
+        return f"{total / 60:.0f} min" if total >= 90 else f"{total:.0f} s"
+
+    untimed = list(dict.fromkeys(j.family for j in remaining if not durations.get(j.family)))
+    timed = sum(float(np.mean(durations[j.family])) for j in remaining if durations.get(j.family))
+    if untimed:
+        first = f"after the first {', '.join(untimed)} job{'s' if len(untimed) > 1 else ''}"
+        return first + (f" (the other jobs: {seconds(timed)})" if timed else "")
+    return seconds(timed)
 
 
 def run_comparison(
@@ -645,11 +772,12 @@ def run_comparison(
         + (f"{cells_done} cells already done, " if cells_done else "")
         + f"{len(todo)} jobs to run"
     )
-    durations: dict[bool, list[float]] = {True: [], False: []}
+    durations: dict[str, list[float]] = defaultdict(list)  # job family → seconds of its finished jobs
     failed: list[str] = []
     ran = 0
+    labels = manifest.patient_labels()
     for i, job in enumerate(todo, start=1):
-        eta = _eta(todo[i - 1 :], durations, config.rounds)
+        eta = _eta(todo[i - 1 :], durations)
         say(f"\n[job {i}/{len(todo)} · {cells_done}/{cells_total} cells done · ETA {eta}] {job.describe()}")
         t0 = time.perf_counter()
         folder = job_dir(out, job)
@@ -662,12 +790,22 @@ def run_comparison(
             failed.append(str(err))
             say(f"  FAILED: {err}")
             continue
+        # the presented model on its training sites' validation patients: the report picks each model's
+        # decision threshold and the best hospital there, never on the test patients
+        validation = (
+            score(manifest, trained.model, replace(job.cells[0], test_patients=job.val_patients))
+            if job.val_patients
+            else []
+        )
         seconds = time.perf_counter() - t0
-        durations[job.federated].append(seconds)
+        durations[job.family].append(seconds)
+        train_classes = len({labels[p] for p in job.train_patients if p in labels})
         scores = []
         for cell in job.cells:
             rows = score(manifest, trained.model, cell)
-            write_cell(out, job, cell, trained, rows, seconds)
+            write_cell(
+                out, job, cell, trained, rows, seconds, validation=validation, train_classes=train_classes
+            )
             scores.append(f"{cell.test_site} {_auroc(rows):.3f}")
         cells_done += len(job.cells)
         ran += len(job.cells)
@@ -676,9 +814,11 @@ def run_comparison(
     features = feature_provenance(manifest)
     if features["random_init_files"]:
         say(f"NOTE: {RANDOM_INIT_NOTE.format(**features)}")
-    results, report = render(out, cohort=cohort, config=config, n_boot=n_boot, say=say, features=features)
+    paths = render(out, cohort=cohort, config=config, n_boot=n_boot, say=say, features=features)
     sweep = finished_job_seconds(out)
-    return Outcome(report, results, ran, skipped, failed, time.perf_counter() - started, sweep)
+    return Outcome(
+        paths.html, paths.results, ran, skipped, failed, time.perf_counter() - started, sweep, paths.analysis
+    )
 
 
 RANDOM_INIT_NOTE = (
@@ -734,10 +874,14 @@ def render(
     n_boot: int = 1000,
     say: Callable[[str], None] = print,
     features: dict[str, Any] | None = None,
-) -> tuple[Path, Path]:
-    """Merge every finished cell into the report's inputs and write the report; (results.csv, report.html)."""
+) -> ReportPaths:
+    """Merge every finished cell into the report's inputs (predictions.csv, rounds.csv, validation.csv,
+    training.csv, settings.json) and write the report. Cells of older runs without validation.csv or training
+    facts still render: the report says which of its rules it could not apply."""
     predictions: list[PredictionRow] = []
+    validation: list[PredictionRow] = []
     rounds: list[RoundRow] = []
+    training: list[TrainingFacts] = []
     done = _done_files(root)
     if not done:
         raise CompareError(f"{root}: no finished cells to report on (see the errors above)")
@@ -745,9 +889,13 @@ def render(
         predictions += load_predictions(marker.parent / "predictions.csv")
         if (marker.parent / "rounds.csv").exists():
             rounds += load_rounds(marker.parent / "rounds.csv")
+        if (marker.parent / "validation.csv").exists():
+            validation += load_predictions(marker.parent / "validation.csv")
+        training.append(_training_facts(marker))
     write_predictions(root / "predictions.csv", predictions)
-    if rounds:
-        write_rounds(root / "rounds.csv", rounds)
+    _write_merged(root / "rounds.csv", rounds, write_rounds)
+    _write_merged(root / "validation.csv", validation, write_predictions)
+    _write_merged(root / "training.csv", training, write_training)
     settings = {
         "cohort": cohort or {},
         "features": features or {},
@@ -757,7 +905,8 @@ def render(
             "epochs per site": f"{config.rounds * config.local_epochs} (rounds × local epochs), every method",
             "model presented": f"every method: {SELECTION_RULE} (local and pooled: every local_epochs epochs "
             "stand for a round)",
-            "seeds": "seed i: train_seed + i; internal splits with split_seed + i, loso with split_seed",
+            "seeds": "seed i: train_seed + i; internal and cv split (cv: deal the folds) with split_seed + i, "
+            "loso with split_seed",
         },
         "grid": {
             "methods": list(config.methods),
@@ -769,111 +918,129 @@ def render(
         "wall time of the finished jobs (s)": round(finished_job_seconds(root), 1),
     }
     write_text_atomic(root / "settings.json", json.dumps(settings, indent=2) + "\n")
-    paths = write_report(root, n_boot=n_boot, progress=lambda s: say(f"report: {s}"))
-    return paths.results, paths.html
+    return write_report(root, n_boot=n_boot, progress=lambda s: say(f"report: {s}"))
+
+
+_Row = TypeVar("_Row")
+
+
+def _write_merged(path: Path, rows: Sequence[_Row], write: Callable[[Path, Sequence[_Row]], None]) -> None:
+    """Write a merged report input; one that no finished cell has is removed, lest the report read a stale
+    merge of earlier cells."""
+    if rows:
+        write(path, rows)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _training_facts(marker: Path) -> TrainingFacts:
+    """Who trained a finished cell's model, from its done.json (counts unknown to older cells stay None)."""
+    info = json.loads(marker.read_text())
+
+    def count(key: str) -> int | None:
+        value = info.get(key)
+        return len(value) if isinstance(value, list) else value if isinstance(value, int) else None
+
+    return TrainingFacts(
+        protocol=info["protocol"],
+        method=info["method"],
+        test_site=info["test_site"],
+        seed=int(info["seed"]),
+        train_patients=count("train_patients"),
+        train_classes=count("train_classes"),
+        val_patients=count("val_patients"),
+    )
 
 
 # --- the headline -------------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class HeadlineRow:
-    """One line of the headline table: AUROC at each test site (mean over seeds) and over sites and seeds."""
-
-    label: str
-    mean: float  # mean over test sites of the per-site means (equal weight per site)
-    seed_sd: float  # SD over seeds of the per-seed mean over sites (NaN with one seed)
-    by_site: dict[str, float]
+# The printed headline is the report's comparison table (`fedpath.simulation.headline.Comparison`): the same
+# rows, the same common sites, the same verdicts and the same best hospital as report.md.
+HeadlineRow = ComparisonRow
 
 
-def _mean(values: Sequence[float]) -> float:
-    """Mean of the finite values; NaN when there are none (an AUROC on a one-class test set is NaN)."""
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else float("nan")
+def headline(source: Analysis | Path | None, protocol: str) -> Comparison:
+    """The comparison table of `protocol`: methods (best first, those that did not learn last and marked ✗),
+    then the single hospitals summarised: the best at each site (an oracle; dropped where one hospital model
+    is tested per site), the best hospital (chosen on its validation patients, among eligible ones) and the
+    mean of hospitals. `source`: a run's analysis (`Outcome.analysis`), or its results.csv, read back."""
+    if isinstance(source, Analysis):
+        return source.comparisons.get(protocol) or comparison([], protocol)
+    if source is None:
+        return comparison([], protocol)
+    return comparison(load_results(source), protocol)
 
 
-def _row(label: str, values: dict[tuple[str, int], float]) -> HeadlineRow:
-    sites = sorted({s for s, _ in values})
-    seeds = sorted({k for _, k in values})
-    by_site = {s: _mean([v for (t, _), v in values.items() if t == s]) for s in sites}
-    per_seed = [_mean([v for (_, k), v in values.items() if k == seed]) for seed in seeds]
-    per_seed = [v for v in per_seed if math.isfinite(v)]
-    mean = _mean(list(by_site.values()))
-    return HeadlineRow(
-        label, mean, float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan"), by_site
-    )
+def _cell(value: float, width: int) -> str:
+    return f"{value:>{width}.3f}" if math.isfinite(value) else f"{'—':>{width}}"
 
 
-def headline(results: Path, protocol: str) -> list[HeadlineRow]:
-    """Rows of the headline from results.csv: every non-local method (best first), then the single hospitals
-    summarised as the best local model at each test site (an oracle: it picks the hospital after seeing the
-    test result), the best hospital (the local model with the highest mean over the sites it was tested at;
-    in LOSO not its own) and the mean over hospitals."""
-    import csv
-
-    with results.open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["protocol"] == protocol]
-    by_method: dict[str, dict[tuple[str, int], float]] = defaultdict(dict)
-    for r in rows:
-        value = float(r["auroc"]) if r["auroc"] not in ("", "nan") else float("nan")
-        by_method[r["method"]][(r["test_site"], int(r["seed"]))] = value
-    out = [_row(m, v) for m, v in by_method.items() if not m.startswith("local")]
-    out.sort(key=lambda r: -r.mean if math.isfinite(r.mean) else math.inf)
-    local = {m: v for m, v in by_method.items() if m.startswith("local")}
-    if local:
-        best = max(
-            (_row(m, v) for m, v in local.items()), key=lambda r: r.mean if math.isfinite(r.mean) else -1.0
-        )
-        keys = {k for v in local.values() for k in v}
-        at = {k: [v[k] for v in local.values() if k in v and math.isfinite(v[k])] for k in keys}
-        out.append(
-            _row("local, best at each site (oracle)", {k: max(v) if v else math.nan for k, v in at.items()})
-        )
-        out.append(replace(best, label=f"local, best hospital ({best.label.removeprefix('local:')})"))
-        out.append(
-            _row("local, mean of hospitals", {k: float(np.mean(v)) if v else math.nan for k, v in at.items()})
-        )
-    return out
-
-
-def format_headline(rows: Sequence[HeadlineRow], protocol: str) -> str:
-    """The headline as a fixed-width text table."""
-    sites = sorted({s for r in rows for s in r.by_site})
-    width = max([len(r.label) for r in rows] + [6])
-    where = "held-out site" if protocol == "loso" else "site's test patients"
+def format_headline(table: Comparison, protocol: str | None = None) -> str:
+    """The comparison as a fixed-width text table, with the notes its reader needs below it."""
+    protocol = protocol or table.protocol
+    sites = list(table.tested_sites)
+    width = max([len(r.label) + 2 for r in table] + [6])
+    where = {"loso": "held-out site", "internal": "site's test patients", "cv": "fold's test patients"}
+    operating = [k for k in ("sensitivity", "specificity", "accuracy") if k in table.metrics]
+    short = {"balanced_accuracy": "bal.acc", "sensitivity": "sens", "specificity": "spec", "accuracy": "acc"}
+    extra = ["balanced_accuracy", *operating, "ece"]
+    in_means = ", ".join(table.sites) if table.sites != table.tested_sites else "every site"
     lines = [
-        f"AUROC at each {where}, mean over seeds; 'mean': over sites; '± seeds': SD across seeds",
-        f"{'method':<{width}}  {'mean':>5}  {'± seeds':>7}  " + "  ".join(f"{s[:12]:>12}" for s in sites),
+        f"AUROC at each {where.get(protocol, 'test site')}, mean over seeds; 'mean' and the other means: over "
+        f"{in_means} (the same for every row), '± seeds': SD across seeds; "
+        + (
+            "sens/spec/acc at each model's threshold chosen on validation"
+            if operating
+            else "no operating point"
+        )
+        + "; ✗: did not learn or inverted, left out of comparisons",
+        f"{'method':<{width}}  {'mean':>5}  {'± seeds':>7}  "
+        + "  ".join(f"{short.get(k, k):>7}" for k in extra)
+        + "  "
+        + "  ".join(f"{s[:12]:>12}" for s in sites),
     ]
-    for r in rows:
-        cells = "  ".join(f"{r.by_site[s]:>12.3f}" if s in r.by_site else f"{'—':>12}" for s in sites)
-        sd = f"{r.seed_sd:>7.3f}" if math.isfinite(r.seed_sd) else f"{'—':>7}"
-        lines.append(f"{r.label:<{width}}  {r.mean:>5.3f}  {sd}  {cells}")
+    for r in table:
+        label = f"{r.label} ✗" if r.excluded else r.label
+        cells = "  ".join(_cell(r.by_site[s], 12) if s in r.by_site else f"{'—':>12}" for s in sites)
+        lines.append(
+            f"{label:<{width}}  {_cell(r.mean, 5)}  {_cell(r.seed_sd, 7)}  "
+            + "  ".join(_cell(r.mean_of(k), 7) for k in extra)
+            + f"  {cells}"
+        )
+    lines += [
+        f"  {r.label}: means over {', '.join(r.sites) or 'no site'} only" + (f" ({r.note})" if r.note else "")
+        for r in table
+        if r.sites != table.sites
+    ]
+    lines += [f"  {note}" for note in table.notes]
     return "\n".join(lines)
 
 
-def paired_difference(a: HeadlineRow, b: HeadlineRow) -> float:
-    """Mean over the test sites both rows have of (a − b), in AUROC points: a paired comparison on the same
-    held-out sites (the best hospital has no value at its own site)."""
-    diffs = [a.by_site[s] - b.by_site[s] for s in a.by_site if s in b.by_site]
-    diffs = [d for d in diffs if math.isfinite(d)]
-    return float(np.mean(diffs)) if diffs else float("nan")
+def paired_difference(a: ComparisonRow, b: ComparisonRow) -> float:
+    """Mean over the test sites both rows' means cover of (a − b), in AUROC points: a paired comparison on
+    the same sites (a hospital's own model has no value at its own site in leave-one-site-out)."""
+    return paired_mean_difference(a, b)[0]
 
 
-def comparison_lines(rows: Sequence[HeadlineRow]) -> list[str]:
-    """The best non-DP federated method against pooled and against the single hospitals, paired by site."""
-    federated = [r for r in rows if r.label.startswith(("fedprox(", "fedavg")) and math.isfinite(r.mean)]
-    if not federated:
+def comparison_lines(table: Comparison) -> list[str]:
+    """The best federated method (not DP, and one that learned) against pooled and against the single
+    hospitals, paired by site; each line says where it compares."""
+    fed = table.best([r.method for r in table if r.method.startswith(("fedprox(", "fedavg"))])
+    if fed is None:
         return []
-    fed = max(federated, key=lambda r: r.mean)
-    others = {r.label.split(" (")[0]: r for r in rows}
+    own = {"loso": "at the sites it did not train on", "internal": "at its own site's test patients"}.get(
+        table.protocol, "on the same folds (patients of every site)"
+    )
     out = []
-    for name, text in (
-        ("pooled", "pooled"),
-        ("local, best hospital", "the best hospital alone, at the sites it did not train on"),
-        ("local, best at each site", "the best hospital at each site (oracle)"),
-        ("local, mean of hospitals", "the mean hospital"),
+    for role, text in (
+        (METHOD, "pooled"),
+        (BEST_HOSPITAL, f"the best hospital alone (chosen on validation), {own}"),
+        (ORACLE, "the best hospital at each site (oracle)"),
+        (MEAN_OF_HOSPITALS, "the mean hospital"),
     ):
-        if name in others:
-            out.append(f"{fed.label} − {text}: {paired_difference(fed, others[name]):+.3f}")
+        other = next((r for r in table if r.method == "pooled"), None) if role == METHOD else table.row(role)
+        if other is None or other.excluded:
+            continue
+        diff, sites = paired_mean_difference(fed, other)
+        out.append(f"{fed.label} − {text}: {diff:+.3f} (paired over {sites} site{'s' if sites != 1 else ''})")
     return out

@@ -1,5 +1,6 @@
 """`fedpath compare`: local-only, pooled, FedAvg, FedProx and FedProx+DP on identical patient splits, under
-leave-one-site-out and/or internal validation, over several seeds; resumable; ends with the report."""
+leave-one-site-out, internal validation and/or patient-level cross-validation, over several seeds; resumable;
+ends with the report. Every setting of `CompareConfig` is an option generated from its field."""
 
 from __future__ import annotations
 
@@ -14,141 +15,74 @@ if TYPE_CHECKING:
     from fedpath.simulation.cohorts import Cohort
     from fedpath.simulation.compare import CompareConfig, Outcome
 
-COHORTS = ("manifest", "tcga", "camelyon16", "synthetic")
+COHORTS = ("manifest", "tcga", "camelyon16", "synthetic", "musk1", "musk2")
+MIL_COHORTS = ("musk1", "musk2")
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers") from None
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-def add_synthetic_options(p: argparse.ArgumentParser, *, sites: int, slides: int, dim: int) -> None:
-    """The few knobs of the strong-shift synthetic cohort (`fedpath synth` has them all)."""
-    g = p.add_argument_group("synthetic cohort (strong site shift; `fedpath synth --help` for the model)")
+def add_synthetic_options(
+    p: argparse.ArgumentParser,
+    *,
+    sites: int,
+    slides: int,
+    dim: int,
+    group: argparse._ArgumentGroup | None = None,
+) -> None:
+    """The few knobs of the strong-shift synthetic cohort (`fedpath synth` has them all), in `group` or in a
+    group of their own."""
+    g = group or p.add_argument_group(
+        "synthetic cohort (strong site shift; `fedpath synth --help` for the model)"
+    )
     g.add_argument("--sites", metavar="K", type=int, default=sites, help="sites")
     g.add_argument("--slides", metavar="N", type=int, default=slides, help="slides over all sites")
     g.add_argument("--dim", metavar="D", type=int, default=dim, help="tile feature dimension")
     g.add_argument("--shift", metavar="S", type=float, default=2.0, help="site shift strength (noise SDs)")
-    g.add_argument("--cohort-seed", metavar="S", type=int, default=0, help="seed of the synthetic cohort")
-
-
-def add_grid_options(p: argparse.ArgumentParser, *, methods: str, seeds: int) -> None:
-    """Protocols, methods, seeds and the training settings every method shares (defaults: CompareConfig's)."""
-    from fedpath.simulation.compare import CompareConfig
-
-    def default(name: str) -> Any:
-        return CompareConfig.model_fields[name].default
-
-    def listed(name: str) -> str:
-        return ",".join(f"{v:g}" for v in default(name))
-
-    g = p.add_argument_group("grid")
-    g.add_argument("--protocol", metavar="P[,P]", type=_names, default="loso", help="loso, internal")
     g.add_argument(
-        "--methods",
-        metavar="M[,M]",
-        type=_names,
-        default=methods,
-        help="local,pooled,fedavg,fedprox,fedprox-dp",
+        "--cohort-seed", metavar="S", type=int, default=0, help="seed of the cohort (synthetic, MUSK sites)"
     )
-    g.add_argument("--seeds", metavar="N", type=int, default=seeds, help="training seeds per cell")
-    g.add_argument("--mu", metavar="MU[,MU]", type=_floats, default=listed("mu"), help="FedProx μ grid")
-    g.add_argument(
-        "--dp-epsilons",
-        metavar="E[,E]",
-        type=_floats,
-        default=listed("dp_epsilons"),
-        help="fedprox-dp ε grid",
-    )
-    t = p.add_argument_group("training (the same for every method)")
-    t.add_argument("--rounds", metavar="R", type=int, default=default("rounds"), help="federated rounds")
-    t.add_argument(
-        "--local-epochs",
-        metavar="E",
-        type=int,
-        default=default("local_epochs"),
-        help="epochs per round",
-    )
-    t.add_argument("--lr", metavar="LR", type=float, default=default("lr"), help="AdamW learning rate")
-    t.add_argument(
-        "--batch-size", metavar="N", type=int, default=default("batch_size"), help="patients per step"
-    )
-    t.add_argument(
-        "--max-tiles",
-        metavar="N",
-        type=int,
-        default=default("max_tiles"),
-        help="tiles per bag in training (0 = all)",
-    )
-    t.add_argument("--model", metavar="NAME", default=default("model"), help="MIL aggregator (abmil, ...)")
-    t.add_argument(
-        "--weight-decay", metavar="WD", type=float, default=default("weight_decay"), help="AdamW weight decay"
-    )
-    t.add_argument(
-        "--val-fraction",
-        metavar="F",
-        type=float,
-        default=default("val_fraction"),
-        help="validation share per site",
-    )
-    t.add_argument(
-        "--test-fraction",
-        metavar="F",
-        type=float,
-        default=default("test_fraction"),
-        help="test share per site (internal)",
-    )
-    t.add_argument("--train-seed", metavar="S", type=int, default=0, help="seed i trains with S + i")
-    t.add_argument("--split-seed", metavar="S", type=int, default=0, help="internal seed i splits with S + i")
-    t.add_argument(
-        "--dp-clip", metavar="C", type=float, default=default("dp_clip"), help="per-patient clipping norm"
-    )
-    t.add_argument(
-        "--dp-batch", metavar="N", type=int, default=0, help="patients per DP step (0: batch size)"
-    )
-    t.add_argument("--dp-delta", metavar="D", type=float, default=0.0, help="δ (0: min(1e-5, 1/(100·n)))")
-    t.add_argument("--dp-budget", metavar="E", type=float, default=0.0, help="lifetime ε per site (0: the ε)")
+
+
+GRID_FIELDS = ("protocols", "methods", "seeds", "folds", "mu", "dp_epsilons", "dp_mu")
+RESOURCE_FIELDS = ("cpus_per_site",)
+OPTION_NAMES = {"protocols": "protocol"}  # CompareConfig field → option name, where they differ
+
+
+def add_grid_options(
+    p: argparse.ArgumentParser, *, methods: str, seeds: int, defaults: dict[str, Any] | None = None
+) -> None:
+    """One option per field of CompareConfig (type, default and help from the field): the grid (protocols,
+    methods, seeds, folds, μ and ε), the training settings every method shares, and the simulation's CPUs.
+    Unless the command set its own, the usage line says ``[options]``: listing them all would fill a screen.
+    `defaults`: other defaults than CompareConfig's (a benchmark's settings)."""
+    from fedpath.simulation.compare import METHODS, PROTOCOLS, CompareConfig
+    from fedpath.simulation.options import add_model_options
+
+    fields = list(CompareConfig.model_fields)
+    groups = {
+        "grid": [f for f in fields if f in GRID_FIELDS],
+        "training (the same for every method)": [
+            f for f in fields if f not in GRID_FIELDS and f not in RESOURCE_FIELDS
+        ],
+        "": [f for f in fields if f in RESOURCE_FIELDS],  # among the command's own options
+    }
+    for title, names in groups.items():
+        add_model_options(
+            p.add_argument_group(title) if title else p,
+            CompareConfig,
+            names,
+            names=OPTION_NAMES,
+            defaults={**(defaults or {}), "methods": methods, "seeds": seeds},
+            helps={"protocols": ",".join(PROTOCOLS), "methods": ",".join(METHODS)},
+            metavars={"protocols": "P[,P]", "methods": "M[,M]"},
+        )
+    p.usage = p.usage or "%(prog)s [options]"
 
 
 def compare_config(args: argparse.Namespace, **fixed: Any) -> CompareConfig:
-    from pydantic import ValidationError
-
+    """The CompareConfig of the parsed options (`fixed` overrides them)."""
     from fedpath.simulation.compare import CompareConfig
+    from fedpath.simulation.options import build_model, model_values
 
-    values = {
-        "protocols": args.protocol,
-        "methods": args.methods,
-        "seeds": args.seeds,
-        "mu": args.mu,
-        "dp_epsilons": args.dp_epsilons,
-        "rounds": args.rounds,
-        "local_epochs": args.local_epochs,
-        "lr": args.lr,
-        "batch_size": args.batch_size,
-        "max_tiles": args.max_tiles,
-        "train_seed": args.train_seed,
-        "split_seed": args.split_seed,
-        "dp_clip": args.dp_clip,
-        "dp_batch": args.dp_batch,
-        "dp_delta": args.dp_delta,
-        "dp_budget": args.dp_budget,
-        "model": args.model,
-        "weight_decay": args.weight_decay,
-        "val_fraction": args.val_fraction,
-        "test_fraction": args.test_fraction,
-        **fixed,
-    }
-    try:
-        return CompareConfig(**values)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise UserError(f"invalid settings: {problems}") from err
+    return build_model(CompareConfig, {**model_values(args, CompareConfig), **fixed}, names=OPTION_NAMES)
 
 
 def synthetic(args: argparse.Namespace, out: Path, *, replace_other: bool = False) -> Cohort:
@@ -202,7 +136,9 @@ def run_and_report(
     for protocol in config.protocols:
         rows = headline(outcome.results, protocol)
         if rows:
-            label = "LEAVE-ONE-SITE-OUT" if protocol == "loso" else "INTERNAL VALIDATION"
+            label = {"loso": "LEAVE-ONE-SITE-OUT", "internal": "INTERNAL VALIDATION"}.get(
+                protocol, f"CROSS-VALIDATION ({config.folds} folds of patients)"
+            )
             print(f"\n{label}\n{format_headline(rows, protocol)}")
             for line in comparison_lines(rows):
                 print(line)
@@ -221,42 +157,75 @@ def run_and_report(
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.usage = "%(prog)s --out DIR [--cohort C] [--manifest M | --mil-file F] [options]"
     p.add_argument(
         "--out", required=True, type=Path, help="run folder (cells/, jobs/, report); rerun to resume"
     )
-    c = p.add_argument_group("cohort")
-    c.add_argument(
-        "--cohort",
-        "--sites-from",
-        dest="cohort",
-        choices=COHORTS,
-        metavar="C",
-        default="manifest",
-        help="manifest|tcga|camelyon16|synthetic",
-    )
-    c.add_argument("--manifest", type=Path, metavar="M", help="cohort manifest (not with --cohort synthetic)")
+    c = p.add_argument_group("cohort (synthetic: `fedpath synth --help` for the model)")
+    c.add_argument("--cohort", choices=COHORTS, metavar="C", default="manifest", help="|".join(COHORTS))
+    c.add_argument("--sites-from", dest="cohort", choices=COHORTS, help=argparse.SUPPRESS)  # its old name
+    c.add_argument("--manifest", type=Path, metavar="M", help="cohort manifest (manifest, tcga, camelyon16)")
     c.add_argument(
         "--min-site-patients", metavar="N", type=int, default=20, help="tcga: smaller sites → 'other'"
     )
-    add_synthetic_options(p, sites=4, slides=160, dim=32)
+    add_synthetic_options(p, sites=4, slides=160, dim=32, group=c)
+    add_mil_options(c)
     add_grid_options(p, methods="local,pooled,fedavg,fedprox", seeds=3)
-    p.add_argument("--cpus-per-site", metavar="N", type=int, default=1, help="CPU cores per simulated site")
+
+
+def add_mil_options(g: argparse._ArgumentGroup) -> None:
+    """The MUSK cohorts' table and site sizes (their sites: --sites; their dealing seed: --cohort-seed)."""
+    from fedpath.simulation.cohorts import MilCohortConfig
+    from fedpath.simulation.options import add_model_options
+
+    g.add_argument("--mil-file", type=Path, metavar="F", help="musk1|musk2: musk1.csv or musk2.tsv.gz")
+    add_model_options(g, MilCohortConfig, ["size_skew"])
+
+
+def musk(args: argparse.Namespace, out: Path) -> Cohort:
+    """The MUSK cohort named by --cohort, converted from --mil-file into `out` (reused when already there)."""
+    from fedpath.simulation.cohorts import CohortError, MilCohortConfig, mil_cohort
+    from fedpath.simulation.options import build_model
+
+    if args.mil_file is None:
+        raise UserError(
+            f"--cohort {args.cohort} needs --mil-file F: the {args.cohort.upper()} table "
+            f"({'musk1.csv' if args.cohort == 'musk1' else 'musk2.tsv.gz'})"
+        )
+    config = build_model(
+        MilCohortConfig,
+        {"sites": args.sites, "size_skew": args.size_skew, "seed": args.cohort_seed},
+        names={"seed": "cohort-seed"},
+        what="cohort settings",
+    )
+    print(f"cohort: {args.cohort} from {args.mil_file}, {config.sites} sites, in {out}")
+    try:
+        return mil_cohort(args.mil_file, out, config, name=args.cohort)
+    except CohortError as err:
+        raise UserError(str(err)) from err
+    except FileExistsError as err:
+        raise UserError(
+            f"{err}: the finished cells in {out.parent} were trained on that cohort; use another --out"
+        ) from err
 
 
 def _run(args: argparse.Namespace) -> int:
     from fedpath.simulation.cohorts import CohortError, derive_cohort
 
     out: Path = args.out.resolve()
-    config = compare_config(args, cpus_per_site=args.cpus_per_site)
+    config = compare_config(args)
+    made = args.cohort == "synthetic" or args.cohort in MIL_COHORTS
+    if made and args.manifest is not None:
+        raise UserError(f"--manifest and --cohort {args.cohort} exclude each other: pick one cohort")
     if args.cohort == "synthetic":
-        if args.manifest is not None:
-            raise UserError("--manifest and --cohort synthetic exclude each other: pick one cohort")
         cohort = synthetic(args, out / "cohort")
+    elif args.cohort in MIL_COHORTS:
+        cohort = musk(args, out / "cohort")
     else:
         if args.manifest is None:
             raise UserError(
                 "give the cohort: --manifest M (sites from its site column, or with --cohort "
-                "tcga|camelyon16), or --cohort synthetic"
+                "tcga|camelyon16), --cohort synthetic, or --cohort musk1|musk2 --mil-file F"
             )
         try:
             cohort = derive_cohort(
@@ -270,10 +239,10 @@ def _run(args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     name="compare",
-    help="compare local, pooled, FedAvg, FedProx(+DP) across sites (leave-one-site-out); resumable",
-    description="Train every method on identical patient splits; test at hospitals it never saw (loso) "
-    "and/or on the sites' own test patients (internal). Federations run the real apps on Flower's "
-    "simulation engine. Finished cells are kept in --out/cells (a rerun resumes); ends with the report.",
+    help="compare local, pooled, FedAvg, FedProx(+DP) across sites (leave-one-site-out, cv); resumable",
+    description="Train every method on identical patient splits; test at unseen hospitals (loso), the "
+    "sites' own test patients (internal) and/or patient folds (cv). Resumes what --out holds; ends with "
+    "the report.",
     add_arguments=_add_arguments,
     run=_run,
 )

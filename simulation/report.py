@@ -4,8 +4,10 @@ Input contract: a run folder holding
 
 ``predictions.csv`` (required): one row per (protocol, method, test_site, seed, patient), columns
 
-- ``protocol``: ``loso`` (leave-one-site-out: the test site took no part in training) or ``internal``
-  (held-out patients of the sites that trained the model)
+- ``protocol``: ``loso`` (leave-one-site-out: the test site took no part in training), ``internal``
+  (held-out patients of the sites that trained the model) or ``cv`` (patient-level k-fold over the whole
+  cohort; ``test_site`` names the fold, e.g. ``fold-01``; like ``internal``, the model trained with patients
+  of the sites it is tested at)
 - ``method``: free text naming the training method, e.g. ``local:site-A``, ``pooled``, ``fedavg``,
   ``fedprox(mu=0.01)``, ``fedprox-dp(eps=4)``. Names starting with ``local`` are single-site models and
   ``pooled`` is all sites' data in one place; everything else is federated. Parameters in parentheses are
@@ -24,17 +26,33 @@ patient with `aggregate_by_patient` (mean probability, majority label).
 (the held-out site for ``loso``; empty or ``all`` for ``internal``), ``seed``, ``round`` (1-based integer),
 ``metric`` (e.g. ``val_auroc``, ``train_loss``), ``value`` (float).
 
+``validation.csv`` (optional): the same columns as predictions.csv, one row per validation patient of each
+(protocol, method, test_site, seed): the presented model scored on its training sites' validation patients
+(``test_site`` names the cell it belongs to). It picks each model's decision threshold, the best hospital,
+and (for local and pooled models) whether the model learned.
+
+``training.csv`` (optional): ``protocol``, ``method``, ``test_site``, ``seed``, ``train_patients``,
+``train_classes`` (classes among the training patients), ``val_patients``; empty where unknown. It decides
+which local models may be chosen as the best hospital.
+
 ``settings.json`` (optional): a JSON object of the run's settings, printed as a table.
+
+Without validation.csv or training.csv (runs from before fedpath recorded them) the report renders, and says
+which rules it could not apply.
 
 Outputs, written atomically into the run folder: ``results.csv`` (one row per protocol × method × test site ×
 seed, columns `RESULT_COLUMNS`), ``report.md`` with PNG plots in ``plots/``, and ``report.html``, the same
 report in one self-contained file (plots inlined, no external resources).
 
-Statistics: per (protocol, method, test_site, seed) AUROC with a patient bootstrap 95% CI, balanced accuracy
-and top-label ECE. Over seeds (and over sites for a method's overall figure), the AUROC is the mean of the
-per-run AUROCs and its 95% CI is a patient bootstrap of that mean: every resample draws patients, and every
-seed's model is scored on the same drawn patients. The CI therefore covers which patients were tested; the
-spread caused by training randomness is reported separately as the SD across seeds.
+Statistics: per (protocol, method, test_site, seed) AUROC with a patient bootstrap 95% CI, balanced accuracy,
+top-label ECE, and sensitivity, specificity and accuracy at a threshold chosen on validation patients
+(`fedpath.simulation.verdicts`). Over seeds (and over sites for a method's overall figure), the AUROC is the
+mean of the per-run AUROCs and its 95% CI is a patient bootstrap of that mean: every resample draws patients,
+and every seed's model is scored on the same drawn patients. The CI therefore covers which patients were
+tested; the spread caused by training randomness is reported separately as the SD across seeds. A method's
+figure over sites is over the protocol's common sites (`fedpath.simulation.headline.common_sites`), the same
+for every row of a table. Methods that did not learn, or whose AUROC is inverted, are shown marked and left out of the
+findings (`fedpath.simulation.verdicts`).
 """
 
 from __future__ import annotations
@@ -48,7 +66,8 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,33 +86,58 @@ from fedpath.common.metrics import (
     roc_curve,
 )
 from fedpath.common.version import fedpath_version
+from fedpath.simulation.headline import (
+    BEST_HOSPITAL,
+    METHOD,
+    METRIC_NAMES,
+    RESULT_COLUMNS,
+    Comparison,
+    RunResult,
+    common_sites,
+    comparison,
+    nanmean,
+    natural_key,
+    result_row,
+)
+from fedpath.simulation.verdicts import (
+    HOSPITAL_RULE,
+    LEARNED_RULE,
+    NOT_CHECKED,
+    THRESHOLD_RULE,
+    Verdict,
+    hospital_ineligibility,
+    inverted,
+    judges,
+    learned,
+    operating_point,
+    youden_threshold,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-PROTOCOLS = ("loso", "internal")
+PROTOCOLS = ("loso", "internal", "cv")
 PROTOCOL_LABELS = {
     "loso": "unseen hospitals (leave-one-site-out)",
     "internal": "internal validation (held-out patients of the training hospitals)",
+    "cv": "cross-validation (patient-level k-fold over the whole cohort)",
 }
-SHORT_LABELS = {"loso": "unseen hospitals (LOSO)", "internal": "internal validation"}
+SHORT_LABELS = {
+    "loso": "unseen hospitals (LOSO)",
+    "internal": "internal validation",
+    "cv": "cross-validation",
+}
 MIN_PATIENTS = 20  # estimates on fewer patients are flagged as unreliable
 ALL_SITES = "all"
-RESULT_COLUMNS = (
+_TRAINING_COLUMNS = (
     "protocol",
     "method",
     "test_site",
     "seed",
-    "auroc",
-    "auroc_low",
-    "auroc_high",
-    "balanced_accuracy",
-    "ece",
-    "patients",
-    "positives",
-    "epsilon",
-    "warning",
+    "train_patients",
+    "train_classes",
+    "val_patients",
 )
 _PREDICTION_KEYS = ("protocol", "method", "test_site", "seed", "patient_id", "label")
 _ROUND_COLUMNS = ("protocol", "method", "test_site", "seed", "round", "metric", "value")
@@ -134,11 +178,29 @@ class RoundRow:
 
 
 @dataclass(frozen=True)
+class TrainingFacts:
+    """One row of training.csv: who trained the model of one (protocol, method, test_site, seed) cell."""
+
+    protocol: str
+    method: str
+    test_site: str
+    seed: int
+    train_patients: int | None
+    train_classes: int | None  # classes among the training patients
+    val_patients: int | None
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return (self.protocol, self.method, self.test_site, self.seed)
+
+
+@dataclass(frozen=True)
 class ReportPaths:
     results: Path
     markdown: Path
     html: Path
     plots: tuple[Path, ...]
+    analysis: Analysis | None = field(default=None, repr=False)  # what the report shows
 
 
 def _read_csv(path: Path, required: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
@@ -266,6 +328,33 @@ def load_rounds(path: str | Path) -> list[RoundRow]:
     return out
 
 
+def load_training(path: str | Path) -> list[TrainingFacts]:
+    """Read and validate training.csv (see the module docstring for its columns)."""
+    path = Path(path)
+
+    def count(line: int, column: str, text: str | None) -> int | None:
+        text = (text or "").strip()
+        if not text:
+            return None
+        value = int(_parse(path, line, column, text, int))
+        if value < 0:
+            raise ReportError(f"{path} line {line}, column {column}: a count, got {value}")
+        return value
+
+    return [
+        TrainingFacts(
+            protocol=_protocol(path, line, row["protocol"]),
+            method=(row["method"] or "").strip(),
+            test_site=(row["test_site"] or "").strip(),
+            seed=int(_parse(path, line, "seed", row["seed"], int)),
+            train_patients=count(line, "train_patients", row["train_patients"]),
+            train_classes=count(line, "train_classes", row["train_classes"]),
+            val_patients=count(line, "val_patients", row["val_patients"]),
+        )
+        for line, row in _read_csv(path, _TRAINING_COLUMNS)
+    ]
+
+
 def load_settings(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -307,6 +396,12 @@ def write_rounds(path: str | Path, rows: Sequence[RoundRow]) -> None:
     )
 
 
+def write_training(path: str | Path, rows: Sequence[TrainingFacts]) -> None:
+    """Write training.csv in the contract's form (unknown counts empty)."""
+    body = (["" if (v := getattr(r, k)) is None else v for k in _TRAINING_COLUMNS] for r in rows)
+    write_text_atomic(path, _csv_text(_TRAINING_COLUMNS, body))
+
+
 # --- evaluation ---------------------------------------------------------------------------------------------
 
 
@@ -322,14 +417,41 @@ class Evaluation:
     labels: np.ndarray
     probs: np.ndarray
     epsilon: float | None
+    # the same model on its training sites' validation patients (validation.csv), when the run recorded them
+    validation: Evaluation | None = None
 
     @property
     def auroc(self) -> float:
         return auroc(self.labels, self.probs)
 
+    @cached_property
+    def threshold(self) -> tuple[float, str]:
+        """Decision threshold on P(class 1) chosen on the validation patients, and how; NaN when none."""
+        if self.probs.shape[1] != 2:
+            return math.nan, "not available: more than two classes (the operating point is binary only)"
+        if self.validation is None:
+            return math.nan, "not available: no validation predictions (validation.csv)"
+        return youden_threshold(self.validation.labels, self.validation.probs[:, 1])
 
-def evaluations(rows: Sequence[PredictionRow]) -> list[Evaluation]:
-    """Group prediction rows by (protocol, method, test_site, seed), one patient per entry."""
+    @cached_property
+    def operating_point(self) -> tuple[float, float, float]:
+        """(sensitivity, specificity, accuracy) on the test patients at `threshold`; NaN where unavailable."""
+        threshold, _ = self.threshold
+        if not math.isfinite(threshold):
+            return math.nan, math.nan, math.nan
+        return operating_point(self.labels, self.probs[:, 1], threshold)
+
+
+def evaluations(rows: Sequence[PredictionRow], validation: Sequence[PredictionRow] = ()) -> list[Evaluation]:
+    """Group prediction rows by (protocol, method, test_site, seed), one patient per entry; each with the
+    validation rows of the same key (validation.csv), where there are any."""
+    scored = {(e.protocol, e.method, e.test_site, e.seed): e for e in _group(validation)}
+    return [
+        replace(e, validation=scored.get((e.protocol, e.method, e.test_site, e.seed))) for e in _group(rows)
+    ]
+
+
+def _group(rows: Sequence[PredictionRow]) -> list[Evaluation]:
     groups: dict[tuple[str, str, str, int], list[PredictionRow]] = defaultdict(list)
     for r in rows:
         groups[(r.protocol, r.method, r.test_site, r.seed)].append(r)
@@ -349,9 +471,10 @@ class Summary:
     """A method's AUROC over some evaluations: one (site, seed), one site's seeds, or all sites and seeds.
 
     `auroc` is the mean of the per-evaluation AUROCs (those that are defined) with a patient-bootstrap 95% CI;
-    `seed_sd` is the SD across seeds of the per-seed mean (NaN with one seed); balanced accuracy and ECE
-    (fractions, 0–1) are means over the evaluations; `patients` and `positives` count distinct patients
-    (positive: any class other than 0)."""
+    `seed_sd` is the SD across seeds of the per-seed mean (NaN with one seed); balanced accuracy, ECE and the
+    operating point (sensitivity, specificity, accuracy at each model's validation-chosen threshold; NaN
+    where none) are fractions 0–1, means over the evaluations; `patients` and `positives` count distinct
+    patients (positive: any class other than 0)."""
 
     protocol: str
     method: str
@@ -360,6 +483,9 @@ class Summary:
     seed_sd: float
     balanced_accuracy: float
     ece: float
+    sensitivity: float
+    specificity: float
+    accuracy: float
     patients: int
     positives: int
     classes: int
@@ -383,11 +509,6 @@ class Summary:
         return "; ".join(reasons)
 
 
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
 def summarize(evals: Sequence[Evaluation], *, n_boot: int = 1000, seed: int = 0) -> Summary:
     """Summary of evaluations of one (protocol, method); see `Summary` for what each number means."""
     first = evals[0]
@@ -407,14 +528,14 @@ def summarize(evals: Sequence[Evaluation], *, n_boot: int = 1000, seed: int = 0)
             r = rows[drawn]
             r = r[r >= 0]
             values.append(auroc(e.labels[r], e.probs[r]))
-        return _nanmean(values)
+        return nanmean(values)
 
     patient_index = np.arange(len(keys))
     estimate = bootstrap_ci(mean_auroc, patient_index, patient_index, n_boot=n_boot, seed=seed)
     per_seed: dict[int, list[float]] = defaultdict(list)
     for e in evals:
         per_seed[e.seed].append(e.auroc)
-    seed_means = [m for m in (_nanmean(v) for v in per_seed.values()) if math.isfinite(m)]
+    seed_means = [m for m in (nanmean(v) for v in per_seed.values()) if math.isfinite(m)]
     labels_by_key: dict[tuple[str, str], int] = {}
     for e in evals:
         for p, y in zip(e.patient_ids, e.labels, strict=True):
@@ -426,8 +547,11 @@ def summarize(evals: Sequence[Evaluation], *, n_boot: int = 1000, seed: int = 0)
         test_site=first.test_site if len({e.test_site for e in evals}) == 1 else ALL_SITES,
         auroc=estimate,
         seed_sd=float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else float("nan"),
-        balanced_accuracy=_nanmean([balanced_accuracy(e.labels, e.probs) for e in evals]),
-        ece=_nanmean([expected_calibration_error(e.labels, e.probs) for e in evals]),
+        balanced_accuracy=nanmean([balanced_accuracy(e.labels, e.probs) for e in evals]),
+        ece=nanmean([expected_calibration_error(e.labels, e.probs) for e in evals]),
+        sensitivity=nanmean([e.operating_point[0] for e in evals]),
+        specificity=nanmean([e.operating_point[1] for e in evals]),
+        accuracy=nanmean([e.operating_point[2] for e in evals]),
         patients=len(keys),
         positives=sum(1 for y in labels if y != 0),
         classes=len(set(labels)),
@@ -466,11 +590,6 @@ def method_kind(method: str, epsilon: float | None) -> str:
 _KIND_ORDER = {"pooled": 0, "single hospital": 1, "federated": 2, "federated + DP": 3}
 
 
-def _natural_key(text: str) -> tuple[tuple[int, float, str], ...]:
-    parts = re.split(r"(\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)", text)
-    return tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(parts))
-
-
 def _without_dp(base: str) -> str:
     return re.sub(r"[-_+ ]?dp$", "", base, flags=re.IGNORECASE)
 
@@ -483,10 +602,31 @@ class Analysis:
     evals: list[Evaluation]
     per_run: dict[tuple[str, str, str, int], Summary]  # (protocol, method, site, seed)
     per_site: dict[tuple[str, str, str], Summary]  # (protocol, method, site), over seeds
-    overall: dict[tuple[str, str], Summary]  # (protocol, method), over sites and seeds
+    # (protocol, method), over seeds and the protocol's common sites (`headline.common_sites`; a local model:
+    # those of them it was tested at), so that every method's figure rests on the same hospitals
+    overall: dict[tuple[str, str], Summary]
     methods: list[str]  # canonical order
     epsilon: dict[str, float | None]
     rounds: list[RoundRow] = field(default_factory=list)
+    verdicts: dict[tuple[str, str], Verdict] = field(default_factory=dict)  # (protocol, method)
+    results: list[RunResult] = field(default_factory=list)  # the rows of results.csv
+    comparisons: dict[str, Comparison] = field(default_factory=dict)  # protocol → its comparison table
+    has_validation: bool = False  # validation.csv was there
+    has_training: bool = False  # training.csv was there
+
+    def excluded(self, protocol: str, method: str) -> bool:
+        """Did not learn, or inverted: shown, but in no finding, comparison or 'best' choice."""
+        verdict = self.verdicts.get((protocol, method))
+        return verdict is not None and verdict.excluded
+
+    def usable(self, protocol: str) -> dict[str, Summary]:
+        """The summaries of the protocol's methods that may enter findings, by method."""
+        return {m: s for (p, m), s in self.overall.items() if p == protocol and not self.excluded(p, m)}
+
+    @property
+    def internal_protocol(self) -> str | None:
+        """The protocol that tests on patients of the training hospitals (internal, else cv), if any."""
+        return next((p for p in ("internal", "cv") if p in self.protocols), None)
 
     @property
     def protocols(self) -> list[str]:
@@ -501,7 +641,7 @@ class Analysis:
         return method_kind(method, self.epsilon[method])
 
     def sites(self, protocol: str) -> list[str]:
-        return sorted({k[2] for k in self.per_site if k[0] == protocol}, key=_natural_key)
+        return sorted({k[2] for k in self.per_site if k[0] == protocol}, key=natural_key)
 
     def site_patients(self, protocol: str, site: str) -> str:
         """Patients tested at a site, e.g. '42', or '40–42' when methods were tested on different numbers."""
@@ -512,9 +652,17 @@ class Analysis:
         return max(s.positives for (p, _, t), s in self.per_site.items() if (p, t) == (protocol, site))
 
     def gap(self, method: str) -> float | None:
-        """Mean internal AUROC − mean LOSO AUROC (AUROC points); None unless the method has both."""
-        internal, loso = self.overall.get(("internal", method)), self.overall.get(("loso", method))
-        if internal is None or loso is None:
+        """Mean internal (or cv) AUROC − mean LOSO AUROC (AUROC points); None unless the method has both
+        and learned in both."""
+        other = self.internal_protocol
+        internal = self.overall.get((other, method)) if other else None
+        loso = self.overall.get(("loso", method))
+        if (
+            internal is None
+            or loso is None
+            or self.excluded("loso", method)
+            or self.excluded(internal.protocol, method)
+        ):
             return None
         return internal.auroc.value - loso.auroc.value
 
@@ -523,19 +671,19 @@ class Analysis:
         = ∞ point): the non-DP method of the same name without '-dp' and with the same other parameters, the
         best of them by AUROC where several match."""
         families: dict[tuple[str, tuple[tuple[str, str], ...]], list[Summary]] = defaultdict(list)
-        for (p, method), s in self.overall.items():
-            if p == protocol and s.epsilon is not None:
+        usable = self.usable(protocol)
+        for method, s in usable.items():
+            if s.epsilon is not None:
                 base, params = method_parameters(method)
                 rest = tuple(sorted((k, v) for k, v in params.items() if k not in {"eps", "epsilon"}))
                 families[(base, rest)].append(s)
         curves = []
         for (base, rest), points in families.items():
             candidates = []
-            for (p, method), s in self.overall.items():
+            for method, s in usable.items():
                 other_base, other_params = method_parameters(method)
                 if (
-                    p == protocol
-                    and s.epsilon is None
+                    s.epsilon is None
                     and other_base.lower() == _without_dp(base).lower()
                     and all(other_params.get(k) == v for k, v in rest)
                 ):
@@ -554,51 +702,145 @@ def analyse(
     rows: Sequence[PredictionRow],
     rounds: Sequence[RoundRow] = (),
     *,
+    validation: Sequence[PredictionRow] = (),
+    training: Sequence[TrainingFacts] = (),
     n_boot: int = 1000,
     progress: Callable[[str], None] | None = None,
 ) -> Analysis:
-    """All summaries of a run: per (site, seed), per site over seeds, and per method over sites and seeds."""
-    evals = evaluations(rows)
+    """All summaries of a run: per (site, seed), per site over seeds, and per method over the protocol's
+    common sites and seeds; the verdicts (did each method learn?), results.csv's rows and the comparison
+    table of every protocol. `validation` and `training` may be empty (runs that did not record them)."""
+    evals = evaluations(rows, validation)
     epsilon = {e.method: e.epsilon for e in evals}
     methods = sorted(
-        epsilon, key=lambda m: (_KIND_ORDER[method_kind(m, epsilon[m])], _natural_key(m.lower()), m)
+        epsilon, key=lambda m: (_KIND_ORDER[method_kind(m, epsilon[m])], natural_key(m.lower()), m)
     )
+    order = {m: i for i, m in enumerate(methods)}
+    evals.sort(key=lambda e: (PROTOCOLS.index(e.protocol), order[e.method], natural_key(e.test_site), e.seed))
     by_site: dict[tuple[str, str, str], list[Evaluation]] = defaultdict(list)
-    by_method: dict[tuple[str, str], list[Evaluation]] = defaultdict(list)
     for e in evals:
         by_site[(e.protocol, e.method, e.test_site)].append(e)
-        by_method[(e.protocol, e.method)].append(e)
     if progress:
         progress(
             f"bootstrap 95% CIs ({n_boot} resamples) for {len(evals)} test sets of {len(methods)} methods"
         )
-    per_run = {(e.protocol, e.method, e.test_site, e.seed): summarize([e], n_boot=n_boot) for e in evals}
+    per_run = {_key(e): summarize([e], n_boot=n_boot) for e in evals}
     per_site = {k: summarize(v, n_boot=n_boot) for k, v in by_site.items()}
-    overall = {k: summarize(v, n_boot=n_boot) for k, v in by_method.items()}
-    return Analysis(evals, per_run, per_site, overall, methods, epsilon, list(rounds))
+    facts = {t.key: t for t in training}
+    # The common sites depend only on which metrics are defined where, not on the verdicts: find them first.
+    provisional = [
+        _run_result(e, per_run[_key(e)], facts.get(_key(e)), Verdict(NOT_CHECKED, "")) for e in evals
+    ]
+    common: dict[str, tuple[str, ...]] = {}
+    for protocol in dict.fromkeys(e.protocol for e in evals):
+        sites, _ = common_sites([r for r in provisional if r.protocol == protocol])
+        common[protocol] = sites or tuple({e.test_site for e in evals if e.protocol == protocol})
+    by_method: dict[tuple[str, str], list[Evaluation]] = defaultdict(list)
+    for e in evals:
+        by_method[(e.protocol, e.method)].append(e)
+    overall = {}
+    for (protocol, method), found in by_method.items():
+        shared = [e for e in found if e.test_site in common[protocol]]
+        overall[(protocol, method)] = summarize(shared or found, n_boot=n_boot)
+    verdicts = {}
+    for (protocol, method), found in by_method.items():
+        # the cells of one federation (internal: every site) repeat its round log: count each line once
+        logged = {
+            (r.test_site, r.seed, r.round, r.metric, r.value)
+            for r in rounds
+            if (r.protocol, r.method) == (protocol, method)
+        }
+        verdicts[(protocol, method)] = inverted(
+            learned(
+                [k[4] for k in logged if k[3] == "val_auroc"],
+                [k[4] for k in logged if k[3] == "train_loss"],
+                [
+                    e.validation.auroc
+                    for e in found
+                    if e.validation is not None and judges(e.validation.labels)
+                ],
+                found[0].probs.shape[1],
+            ),
+            overall[(protocol, method)].auroc.high,
+        )
+    results = [
+        _run_result(e, per_run[_key(e)], facts.get(_key(e)), verdicts[(e.protocol, e.method)]) for e in evals
+    ]
+    comparisons = {p: comparison(results, p) for p in common}
+    return Analysis(
+        evals,
+        per_run,
+        per_site,
+        overall,
+        methods,
+        epsilon,
+        list(rounds),
+        verdicts,
+        results,
+        comparisons,
+        has_validation=bool(validation),
+        has_training=bool(training),
+    )
+
+
+def _key(e: Evaluation) -> tuple[str, str, str, int]:
+    return (e.protocol, e.method, e.test_site, e.seed)
+
+
+def _run_result(e: Evaluation, s: Summary, facts: TrainingFacts | None, verdict: Verdict) -> RunResult:
+    """One row of results.csv: the evaluation's summary, its operating point, training facts and verdict."""
+    threshold, threshold_from = e.threshold
+    eligible = ""
+    if method_kind(e.method, e.epsilon) == "single hospital":
+        why = hospital_ineligibility(
+            facts.train_patients if facts else None, facts.train_classes if facts else None
+        )
+        eligible = (
+            "not checked: no training facts (training.csv)" if why is None else f"no: {why}" if why else "yes"
+        )
+    return RunResult(
+        protocol=e.protocol,
+        method=e.method,
+        test_site=e.test_site,
+        seed=e.seed,
+        auroc=s.auroc.value,
+        auroc_low=s.auroc.low,
+        auroc_high=s.auroc.high,
+        balanced_accuracy=s.balanced_accuracy,
+        sensitivity=s.sensitivity,
+        specificity=s.specificity,
+        accuracy=s.accuracy,
+        threshold=threshold,
+        threshold_from=threshold_from,
+        ece=s.ece,
+        patients=s.patients,
+        positives=s.positives,
+        epsilon=s.epsilon,
+        val_auroc=e.validation.auroc if e.validation is not None else math.nan,
+        val_loss=_cross_entropy(e.validation) if e.validation is not None else math.nan,
+        val_patients=len(e.validation.patient_ids)
+        if e.validation is not None
+        else (facts.val_patients if facts else None),
+        train_patients=facts.train_patients if facts else None,
+        train_classes=facts.train_classes if facts else None,
+        verdict=verdict.status,
+        verdict_why=verdict.why,
+        hospital_eligible=eligible,
+        warning=s.warning,
+    )
+
+
+def _cross_entropy(e: Evaluation) -> float:
+    """Mean negative log-probability of the true class (nats per patient), the loss models are selected on."""
+    p = e.probs[np.arange(len(e.labels)), e.labels.astype(int)]
+    return float(-np.mean(np.log(np.clip(p, 1e-12, 1.0))))
 
 
 def results_csv(analysis: Analysis) -> str:
-    """results.csv: one row per protocol × method × test site × seed (AUROC, balanced accuracy and ECE as
-    fractions 0–1; patients and positives as counts; epsilon empty when the method has no DP)."""
-    order = {m: i for i, m in enumerate(analysis.methods)}
-    keys = sorted(
-        analysis.per_run, key=lambda k: (PROTOCOLS.index(k[0]), order[k[1]], _natural_key(k[2]), k[3])
-    )
-    body = []
-    for key in keys:
-        s = analysis.per_run[key]
-        body.append(
-            [
-                *key,
-                *(f"{v:.6g}" for v in (s.auroc.value, s.auroc.low, s.auroc.high, s.balanced_accuracy, s.ece)),
-                s.patients,
-                s.positives,
-                "" if s.epsilon is None else f"{s.epsilon:g}",
-                s.warning,
-            ]
-        )
-    return _csv_text(RESULT_COLUMNS, body)
+    """results.csv: one row per protocol × method × test site × seed, columns RESULT_COLUMNS (`RunResult`):
+    metrics as fractions 0–1 (empty or nan where undefined), counts, the threshold and how it was chosen, the
+    method's verdict and, for local models, whether they may be chosen as the best hospital."""
+    return _csv_text(RESULT_COLUMNS, (result_row(r) for r in analysis.results))
 
 
 # --- the document: one list of blocks, rendered to Markdown and to HTML -------------------------------------
@@ -792,7 +1034,7 @@ def plot_auroc_by_site(analysis: Analysis, protocol: str, colours: Mapping[str, 
             ax.errorbar(xs, ys, yerr=np.array(err).T, fmt="o", color=colours[m], label=m, capsize=3)
     ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance (0.5)")
     ax.set_xticks(range(len(sites)), sites)
-    ax.set_xlabel("test site" if protocol == "internal" else "held-out site (not used in training)")
+    ax.set_xlabel("held-out site (not used in training)" if protocol == "loso" else "test site")
     ax.set_ylabel("AUROC (mean over seeds, 95% CI)")
     ax.set_ylim(0.0, 1.02)
     ax.set_title(f"AUROC per site: {SHORT_LABELS[protocol]}")
@@ -882,7 +1124,7 @@ def plot_privacy_utility(analysis: Analysis, colours: Mapping[str, Any]) -> byte
     fig, (ax,) = _new_figure(1, size=(7.0, 4.4))
     all_eps = [s.epsilon for s in analysis.overall.values() if s.epsilon is not None]
     x_inf = max(all_eps) * 4
-    styles = {"loso": "-", "internal": "--"}
+    styles = {"loso": "-", "internal": "--", "cv": ":"}
     for protocol in analysis.protocols:
         for _, points, reference in analysis.dp_curves(protocol):
             shown = [*points, *([reference] if reference else [])]
@@ -950,69 +1192,87 @@ def _where(protocol: str, subject: str = "it") -> str:
 
 
 def _best(analysis: Analysis, protocol: str, kinds: Sequence[str]) -> Summary | None:
-    """The method of the first kind in `kinds` that has any, with the highest mean AUROC."""
+    """The method of the first kind in `kinds` that has any that learned, with the highest mean AUROC. Not for
+    single hospitals: the best hospital is chosen on validation (`Comparison.best_hospital`)."""
     for kind in kinds:
         found = [
             s
-            for (p, m), s in analysis.overall.items()
-            if p == protocol and analysis.kind(m) == kind and math.isfinite(s.auroc.value)
+            for m, s in analysis.usable(protocol).items()
+            if analysis.kind(m) == kind and math.isfinite(s.auroc.value)
         ]
         if found:
             return max(found, key=lambda s: s.auroc.value)
     return None
 
 
+def _best_hospital(analysis: Analysis, protocol: str) -> Summary | None:
+    table = analysis.comparisons.get(protocol)
+    if table is None or table.best_hospital is None:
+        return None
+    return analysis.overall.get((protocol, table.best_hospital))
+
+
 def _federation_vs_members(analysis: Analysis, protocol: str) -> tuple[str, bool] | None:
-    """The sentence comparing the best federated method with the best single hospital; True if it lost."""
+    """The sentence comparing the best federated method with the best single hospital (chosen on
+    validation), paired on the test sites both were tested at; True if the federation lost."""
     fed = _best(analysis, protocol, ["federated", "federated + DP"])
-    if fed is None:
+    table = analysis.comparisons.get(protocol)
+    if fed is None or table is None:
         return None
-    # Compare on the same held-out sites: a hospital's own model is never tested at that hospital in
-    # leave-one-site-out, so its mean covers fewer sites than the federation's.
-    best: tuple[float, float, str, int] | None = None  # (hospital mean, federation mean, method, sites)
-    for (p, m), _ in analysis.overall.items():
-        if p != protocol or analysis.kind(m) != "single hospital":
-            continue
-        pairs = [
-            (s.auroc.value, analysis.per_site[(p, fed.method, site)].auroc.value)
-            for (p2, m2, site), s in analysis.per_site.items()
-            if (p2, m2) == (p, m) and (p, fed.method, site) in analysis.per_site
-        ]
-        pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
-        if pairs:
-            mean_local = sum(a for a, _ in pairs) / len(pairs)
-            mean_fed = sum(b for _, b in pairs) / len(pairs)
-            if best is None or mean_local > best[0]:
-                best = (mean_local, mean_fed, m, len(pairs))
-    if best is None:
+    hospital = table.row(BEST_HOSPITAL)
+    fed_row = next((r for r in table if r.role == METHOD and r.method == fed.method), None)
+    if hospital is None or fed_row is None:
         return None
-    local_auroc, fed_auroc, local_method, n_sites = best
-    where = f"{_where(protocol)}, on the {n_sites} held-out site(s) both were tested at"
+    # Paired on the same sites: in leave-one-site-out a hospital's own model is never tested at that
+    # hospital, so its mean covers fewer sites than the federation's.
+    sites = [
+        s
+        for s in hospital.sites
+        if s in fed_row.sites and math.isfinite(hospital.at(s)) and math.isfinite(fed_row.at(s))
+    ]
+    if not sites:
+        return None
+    local_auroc = nanmean([hospital.at(s) for s in sites])
+    fed_auroc = nanmean([fed_row.at(s) for s in sites])
+    if protocol == "loso":
+        where = f"{_where(protocol)}, on the {_plural(len(sites), 'held-out site')} both were tested at"
+    else:
+        tested = _plural(len(sites), "fold" if protocol == "cv" else "site")
+        where = f"on the test patients of the {tested} both were tested at"
     if fed_auroc < local_auroc:
         return (
             f"⚠ Federated training did worse than one hospital training alone {where}: {fed.method} "
-            f"{fed_auroc:.2f} against {local_method} {local_auroc:.2f}. This is the failure FLamby reported on "
+            f"{fed_auroc:.2f} against {hospital.method} {local_auroc:.2f}. This is the failure FLamby reported on "
             "Fed-Camelyon16 (FedProx 0.58 against 0.78 for one hospital alone): a federation that does not beat "
             "its best member gives a hospital no reason to join.",
             True,
         )
     return (
-        f"The best single hospital alone ({local_method}) reached {local_auroc:.2f} {where}; the "
-        f"federation ({fed.method}) reached {fed_auroc:.2f}, {fed_auroc - local_auroc:+.2f}.",
+        f"The best single hospital alone ({hospital.method}) reached {local_auroc:.2f} {where}; the "
+        f"federation ({fed.method}) reached {fed_auroc:.2f}, {fed_auroc - local_auroc:+.2f} (the hospital was "
+        f"picked as {table.best_hospital_why}, not on test results).",
         False,
     )
 
 
 def findings(analysis: Analysis) -> list[str]:
-    """The report's findings, warnings first, one sentence each."""
+    """The report's findings, warnings first, one sentence each. Methods that did not learn or are inverted
+    appear in none of them (`left_out_of_findings` says which)."""
     main = analysis.main_protocol
     warnings: list[str] = []
     out: list[str] = []
-    fed = _best(analysis, main, ["federated", "federated + DP"]) or _best(
-        analysis, main, ["pooled", "single hospital"]
+    lead = (
+        _best(analysis, main, ["federated", "federated + DP"])
+        or _best(analysis, main, ["pooled"])
+        or _best_hospital(analysis, main)
     )
-    if fed is not None:
-        out.append(f"{fed.method} reached AUROC {_est(fed.auroc)} {_where(main)} ({_basis(fed)}).")
+    if lead is not None:
+        out.append(f"{lead.method} reached AUROC {_est(lead.auroc)} {_where(main)} ({_basis(lead)}).")
+    elif any(p == main for p, _ in analysis.verdicts):
+        warnings.append(
+            f"⚠ No method of {SHORT_LABELS[main]} passed the check that it learned (see below the findings): "
+            "this run says nothing about which way of training works."
+        )
     for protocol in analysis.protocols:
         compared = _federation_vs_members(analysis, protocol)
         if compared is not None:
@@ -1030,11 +1290,12 @@ def findings(analysis: Analysis) -> list[str]:
             "to match, so this is a sign that the baselines are under-trained or the test sets too small, "
             "not a finding that federation beats pooling."
         )
-    if pooled is not None:
+    if pooled is not None and pooled is not lead:
         out.append(
             f"Pooling every hospital's patients in one place (the reference a federation tries to match, "
             f"not possible in practice) reached {_est(pooled.auroc)} {_where(main, 'the model')}."
         )
+    fed = beaten_by
     if fed is not None and main == "loso":
         per_site = [
             (s.auroc.value, site)
@@ -1048,13 +1309,18 @@ def findings(analysis: Analysis) -> list[str]:
                 f"({high_site})" + (": the hospital a model is used at matters." if high - low > 0.1 else ".")
             )
     gaps = {m: g for m in analysis.methods if (g := analysis.gap(m)) is not None and math.isfinite(g)}
-    if gaps:
+    if gaps and analysis.internal_protocol:
         m = max(gaps, key=lambda k: gaps[k])
-        internal, loso = analysis.overall[("internal", m)], analysis.overall[("loso", m)]
+        internal = analysis.overall[(analysis.internal_protocol, m)]
+        loso = analysis.overall[("loso", m)]
         out.append(
-            f"The largest drop from internal validation to unseen hospitals was {m}'s: AUROC "
-            f"{internal.auroc.value:.2f} → {loso.auroc.value:.2f} (gap {gaps[m]:+.2f})"
-            + ("; internal validation alone would have overstated it." if gaps[m] > 0.05 else ".")
+            f"The largest drop from {SHORT_LABELS[analysis.internal_protocol]} to unseen hospitals was {m}'s: "
+            f"AUROC {internal.auroc.value:.2f} → {loso.auroc.value:.2f} (gap {gaps[m]:+.2f})"
+            + (
+                f"; {SHORT_LABELS[analysis.internal_protocol]} alone would have overstated it."
+                if gaps[m] > 0.05
+                else "."
+            )
         )
     for name, points, reference in analysis.dp_curves(main):
         lo, hi = points[0], points[-1]
@@ -1069,11 +1335,11 @@ def findings(analysis: Analysis) -> list[str]:
         out.append(text + ".")
     flagged = [s for s in analysis.per_site.values() if s.warning]
     if flagged:
-        sites = sorted({s.test_site for s in flagged}, key=_natural_key)
+        sites = sorted({s.test_site for s in flagged}, key=natural_key)
         warnings.append(
             f"⚠ Estimates at {', '.join(sites)} ({len(flagged)} of {len(analysis.per_site)} per-site "
-            f"estimates) rest on fewer than {MIN_PATIENTS} patients or on a single class; they are marked ⚠ "
-            "below and are not evidence either way."
+            f"estimates) rest on fewer than {MIN_PATIENTS} patients or on a single class, or are inverted; "
+            "they are marked ⚠ below and are not evidence either way."
         )
     seeds = max(s.seeds for s in analysis.overall.values())
     if seeds < 3:
@@ -1084,6 +1350,18 @@ def findings(analysis: Analysis) -> list[str]:
     return warnings + out
 
 
+def left_out_of_findings(analysis: Analysis) -> list[str]:
+    """One line per (protocol, method) that did not learn or is inverted, with the evidence."""
+    return [
+        f"✗ {m} ({SHORT_LABELS[p]}): {v.status}: {v.why}."
+        for (p, m), v in sorted(
+            analysis.verdicts.items(),
+            key=lambda k: (PROTOCOLS.index(k[0][0]), analysis.methods.index(k[0][1])),
+        )
+        if v.excluded
+    ]
+
+
 def missing_parts(analysis: Analysis, settings: Mapping[str, Any] | None) -> list[str]:
     """What this run lacks, and what the report therefore cannot show."""
     out = []
@@ -1092,9 +1370,21 @@ def missing_parts(analysis: Analysis, settings: Mapping[str, Any] | None) -> lis
             "No leave-one-site-out (loso) results: this report cannot say how any method does at a hospital "
             "it never trained on."
         )
-    if "internal" not in analysis.protocols:
+    if analysis.internal_protocol is None:
         out.append(
-            "No internal-validation results: the generalization gap (internal vs unseen) is not computed."
+            "No internal-validation results (internal or cv): the generalization gap (internal vs unseen) is "
+            "not computed."
+        )
+    if not analysis.has_validation:
+        out.append(
+            "No validation.csv (cells from before fedpath scored each model on its validation patients): no "
+            "operating point (sensitivity, specificity, accuracy), no best hospital unless a single one is "
+            "eligible, and local and pooled models are not checked for having learned."
+        )
+    if not analysis.has_training:
+        out.append(
+            "No training.csv: local models are not checked for their number of training patients and "
+            "classes before one is chosen as the best hospital."
         )
     if not any(s.epsilon is not None for s in analysis.overall.values()):
         out.append("No differentially private method (no ε): no privacy–utility curve.")
@@ -1117,57 +1407,130 @@ def missing_parts(analysis: Analysis, settings: Mapping[str, Any] | None) -> lis
 
 
 def _short(protocol: str) -> str:
-    return {"loso": "unseen hospitals", "internal": "internal"}[protocol]
+    return {"loso": "unseen hospitals", "internal": "internal", "cv": "cross-validation"}[protocol]
 
 
 def _flag(s: Summary) -> str:
     return " ⚠" if s.warning else ""
 
 
+def _with_ci(value: float, s: Summary | None) -> str:
+    """A row's mean AUROC with its bootstrap CI (a summary over several hospitals has none)."""
+    if not math.isfinite(value):
+        return "undefined (one class only)"
+    if s is None:
+        return f"{value:.2f} (no CI: a summary over hospitals)"
+    if not (math.isfinite(s.auroc.low) and math.isfinite(s.auroc.high)):
+        return f"{value:.2f} (no CI: too few patients)"
+    return f"{value:.2f} [{s.auroc.low:.2f}, {s.auroc.high:.2f}]"
+
+
+def _learned_cell(verdict: Verdict) -> str:
+    return verdict.mark or ("yes" if verdict.status != NOT_CHECKED else "not checked")
+
+
+def _comparison_table(analysis: Analysis, table: Comparison) -> list[Block]:
+    """The comparison of one protocol (`Comparison`, the rows `fedpath compare` prints), its single
+    hospitals and what its reader must know."""
+    protocol = table.protocol
+    operating = [k for k in ("sensitivity", "specificity", "accuracy") if k in table.metrics]
+    header = ["Method", "Type", "Learned?", "AUROC [95% CI]", "± across seeds (SD)", "Balanced accuracy"]
+    header += [f"{METRIC_NAMES[k].capitalize()} at threshold" for k in operating]
+    header += ["ECE", "Patients (positive)", "Sites × seeds"]
+    rows = []
+    for row in table:
+        s = analysis.overall.get((protocol, row.method)) if row.method else None
+        sites = f"{len(row.sites)}" if row.sites == table.sites else f"{len(row.sites)} of {len(table.sites)}"
+        cells = [
+            row.label,
+            analysis.kind(row.method) if row.method and row.role == METHOD else "single hospital",
+            _learned_cell(row.verdict) if row.method else "—",
+            _with_ci(row.mean, s) + (_flag(s) if s else ""),
+            _number(row.seed_sd),
+            _number(row.mean_of("balanced_accuracy")),
+            *(_number(row.mean_of(k)) for k in operating),
+            _number(row.mean_of("ece")),
+            f"{s.patients} ({s.positives})" if s else "—",
+            f"{sites} × {row.seeds}" + (f" ({row.note})" if row.note else ""),
+        ]
+        rows.append(tuple(cells))
+    where = "held-out sites" if protocol == "loso" else "folds" if protocol == "cv" else "sites"
+    blocks: list[Block] = [
+        Paragraph(
+            f"Every mean in this table is over the same {len(table.sites)} {where} "
+            f"({', '.join(table.sites)}) and the seeds, except where 'Sites' says fewer."
+        ),
+        Table(tuple(header), tuple(rows)),
+    ]
+    if table.hospitals:
+        hospital_rows = tuple(
+            (
+                h.method,
+                "not known" if h.train_patients is None else str(h.train_patients),
+                "not known" if h.train_classes is None else str(h.train_classes),
+                f"{h.val_auroc:.2f} ({h.val_patients} patients)"
+                if math.isfinite(h.val_auroc)
+                else "not available",
+                "yes"
+                if h.ineligible == ""
+                else "not checked"
+                if h.ineligible is None
+                else f"no: {h.ineligible}",
+                _learned_cell(h.verdict),
+                _number(h.row.mean),
+                f"{len(h.row.sites)} of {len(table.sites)}",
+                "chosen" if h.method == table.best_hospital else "",
+            )
+            for h in table.hospitals
+        )
+        blocks += [
+            Paragraph("Single hospitals: which local model may be chosen as the best hospital, and on what."),
+            Table(
+                (
+                    "Local model",
+                    "Training patients",
+                    "Classes",
+                    "Validation AUROC (patients)",
+                    "Eligible",
+                    "Learned?",
+                    "AUROC (test)",
+                    "Sites",
+                    "Best hospital",
+                ),
+                hospital_rows,
+            ),
+        ]
+    if table.notes:
+        blocks.append(Bullets(table.notes))
+    return blocks
+
+
 def _headline(analysis: Analysis) -> list[Block]:
     main = analysis.main_protocol
-    both = len(analysis.protocols) == 2
-    header = ["Method", "Type", f"AUROC, {_short(main)} [95% CI]", "± across seeds (SD)"]
-    if both:
-        header += ["AUROC, internal [95% CI]", "Gap (internal − unseen)"]
-    header += ["Balanced accuracy", "ECE", "Patients (positive)", "Sites × seeds"]
-    summaries = [s for (p, _), s in analysis.overall.items() if p == main]
-    rows = []
-    for s in sorted(summaries, key=lambda s: -_sortable(s.auroc.value)):
-        row = [s.method, analysis.kind(s.method), _est(s.auroc) + _flag(s), _number(s.seed_sd)]
-        if both:
-            internal = analysis.overall.get(("internal", s.method))
-            gap = analysis.gap(s.method)
-            row += [_est(internal.auroc) if internal else "not run", "—" if gap is None else f"{gap:+.2f}"]
-        row += [
-            _number(s.balanced_accuracy),
-            _number(s.ece),
-            f"{s.patients} ({s.positives})",
-            f"{s.sites} × {s.seeds}",
-        ]
-        rows.append(tuple(row))
+    blocks: list[Block] = [Heading(2, f"Headline: {PROTOCOL_LABELS[main]}")]
+    blocks += _comparison_table(analysis, analysis.comparisons[main])
+    for protocol in analysis.protocols:
+        if protocol != main:
+            blocks += [Heading(3, f"The same comparison: {PROTOCOL_LABELS[protocol]}")]
+            blocks += _comparison_table(analysis, analysis.comparisons[protocol])
     explain = [
         "AUROC: how well the model ranks a positive patient above a negative one; 0.5 is a coin flip, "
-        f"1.0 is perfect. Here it is the mean over the {'held-out ' if main == 'loso' else ''}sites and "
-        "seeds; the 95% CI is the range that re-sampling the tested patients gives.",
+        "1.0 is perfect. Here it is the mean over the table's sites and seeds; the 95% CI is the range that "
+        "re-sampling the tested patients gives.",
         "± across seeds: the standard deviation between training runs that differ only in their random seed.",
         "Balanced accuracy: the mean of sensitivity and specificity at the model's most likely class.",
+        "Sensitivity, specificity and accuracy at threshold: what a clinic would see using the model with one "
+        "fixed decision threshold. " + THRESHOLD_RULE,
         "ECE (expected calibration error): how far the model's stated confidence is from how often it is "
         "right, 0 = its probabilities can be taken at face value.",
         "Patients (positive): distinct patients the estimate rests on, and how many of them are positive.",
+        "Learned? " + LEARNED_RULE,
+        HOSPITAL_RULE
+        + " 'Best at each site (oracle)' picks among them after seeing each site's test result: an upper "
+        "bound no hospital could choose in advance. 'Mean of hospitals' averages every local model that "
+        "learned, eligible or not: what a hospital alone gets.",
     ]
-    if both:
-        explain.insert(
-            3,
-            "Gap: internal AUROC − AUROC at unseen hospitals; a large positive gap means internal validation "
-            "overstates how the model does at a new hospital.",
-        )
-    return [
-        Heading(2, f"Headline: {PROTOCOL_LABELS[main]}"),
-        Table(tuple(header), tuple(rows)),
-        Paragraph("How to read this table:"),
-        Bullets(tuple(explain)),
-    ]
+    return [*blocks, Paragraph("How to read these tables:"), Bullets(tuple(explain))]
 
 
 def _number(value: float) -> str:
@@ -1185,7 +1548,7 @@ def _per_site(analysis: Analysis, protocol: str, colours: Mapping[str, Any]) -> 
     for m in analysis.methods:
         if (protocol, m) not in analysis.overall:
             continue
-        cells = [m]
+        cells = [m + (f" {analysis.verdicts[(protocol, m)].mark}" if analysis.excluded(protocol, m) else "")]
         for t in sites:
             s = analysis.per_site.get((protocol, m, t))
             cells.append("not tested" if s is None else _est(s.auroc) + _flag(s))
@@ -1196,9 +1559,13 @@ def _per_site(analysis: Analysis, protocol: str, colours: Mapping[str, Any]) -> 
             for (p, _, _), s in analysis.per_site.items()
             if p == protocol and s.warning
         },
-        key=lambda k: _natural_key(k[0]),
+        key=lambda k: natural_key(k[0]),
     )
-    where = "held-out site (one column per site left out of training)" if protocol == "loso" else "test site"
+    where = {
+        "loso": "held-out site (one column per site left out of training)",
+        "internal": "test site",
+        "cv": "fold",
+    }[protocol]
     blocks: list[Block] = [
         Heading(3, PROTOCOL_LABELS[protocol].capitalize()),
         Paragraph(f"AUROC [95% CI] per {where}, mean over seeds."),
@@ -1219,14 +1586,21 @@ def _per_site(analysis: Analysis, protocol: str, colours: Mapping[str, Any]) -> 
 
 
 def _gap_section(analysis: Analysis) -> list[Block]:
-    blocks: list[Block] = [Heading(2, "Generalization gap: internal validation vs unseen hospitals")]
+    internal = analysis.internal_protocol or "internal"
+    blocks: list[Block] = [Heading(2, f"Generalization gap: {SHORT_LABELS[internal]} vs unseen hospitals")]
     methods = [m for m in analysis.methods if analysis.gap(m) is not None]
     if not methods:
-        return [*blocks, Paragraph("Not computed: the run needs both loso and internal results of a method.")]
+        return [
+            *blocks,
+            Paragraph(
+                "Not computed: the run needs both loso and internal (or cv) results of a method that learned "
+                "in both."
+            ),
+        ]
     rows = tuple(
         (
             m,
-            _est(analysis.overall[("internal", m)].auroc),
+            _est(analysis.overall[(internal, m)].auroc),
             _est(analysis.overall[("loso", m)].auroc),
             f"{analysis.gap(m) or 0.0:+.2f}",
         )
@@ -1235,11 +1609,20 @@ def _gap_section(analysis: Analysis) -> list[Block]:
     return [
         *blocks,
         Paragraph(
-            "Gap = mean internal AUROC − mean AUROC at unseen hospitals (leave-one-site-out), in AUROC "
-            "points. FLamby's hospital-0 model scored 0.87 at home and 0.68 at the other hospital: a gap of "
+            f"Gap = mean {SHORT_LABELS[internal]} AUROC − mean AUROC at unseen hospitals (leave-one-site-out), "
+            "in AUROC points; methods that did not learn are left out. FLamby's hospital-0 model scored 0.87 "
+            "at home and 0.68 at the other hospital: a gap of "
             "0.19."
         ),
-        Table(("Method", "Internal AUROC [95% CI]", "Unseen hospitals AUROC [95% CI]", "Gap"), rows),
+        Table(
+            (
+                "Method",
+                f"{SHORT_LABELS[internal].capitalize()} AUROC [95% CI]",
+                "Unseen hospitals AUROC [95% CI]",
+                "Gap",
+            ),
+            rows,
+        ),
     ]
 
 
@@ -1265,7 +1648,7 @@ def _privacy_section(analysis: Analysis, colours: Mapping[str, Any]) -> list[Blo
         Plot(
             "privacy_utility.png",
             plot_privacy_utility(analysis, colours),
-            "AUROC against ε; solid: unseen hospitals, dashed: internal validation.",
+            "AUROC against ε; solid: unseen hospitals, dashed: internal validation, dotted: cross-validation.",
         ),
     ]
 
@@ -1304,6 +1687,15 @@ def report_blocks(analysis: Analysis, settings: Mapping[str, Any] | None, run_na
             )
         )
     blocks += [Heading(2, "Findings"), Bullets(tuple(findings(analysis)))]
+    left_out = left_out_of_findings(analysis)
+    if left_out:
+        blocks += [
+            Paragraph(
+                "Left out of these findings, the comparisons and every 'best' choice (shown in the tables, "
+                "marked ✗):"
+            ),
+            Bullets(tuple(left_out)),
+        ]
     missing = missing_parts(analysis, settings)
     if missing:
         blocks += [Heading(2, "Not in this run"), Bullets(tuple(missing))]
@@ -1367,7 +1759,12 @@ def report_blocks(analysis: Analysis, settings: Mapping[str, Any] | None, run_na
                 "seed's model on the same drawn patients, so the CI reflects which patients were tested; the "
                 "spread from training randomness is the separate '± across seeds'.",
                 f"Estimates on fewer than {MIN_PATIENTS} patients or a single class are marked ⚠.",
-                "Test sets that hold one class only have no AUROC and are left out of means.",
+                "A table's means are over the test sites at which every method has every metric shown: a "
+                "site whose test patients hold one class has no AUROC, so it leaves every mean of the table "
+                "(balanced accuracy and ECE included), and the table says so.",
+                LEARNED_RULE,
+                HOSPITAL_RULE,
+                THRESHOLD_RULE,
             )
         ),
     ]
@@ -1377,14 +1774,34 @@ def report_blocks(analysis: Analysis, settings: Mapping[str, Any] | None, run_na
 def write_report(
     run_dir: str | Path, *, n_boot: int = 1000, progress: Callable[[str], None] | None = None
 ) -> ReportPaths:
-    """Read RUN_DIR/predictions.csv (and rounds.csv, settings.json where present), write results.csv,
-    report.md with plots/*.png, and the self-contained report.html into RUN_DIR, each file atomically."""
+    """Read RUN_DIR/predictions.csv (and rounds.csv, validation.csv, training.csv, settings.json where
+    present), write results.csv, report.md with plots/*.png, and the self-contained report.html into RUN_DIR,
+    each file atomically."""
+    return write_analysis(
+        run_dir, read_analysis(run_dir, n_boot=n_boot, progress=progress), progress=progress
+    )
+
+
+def read_analysis(
+    run_dir: str | Path, *, n_boot: int = 1000, progress: Callable[[str], None] | None = None
+) -> Analysis:
+    """The analysis of a run folder's predictions.csv (and its optional inputs, see the module docstring)."""
     run_dir = Path(run_dir)
     rows = load_predictions(run_dir / "predictions.csv")
-    rounds_path, settings_path = run_dir / "rounds.csv", run_dir / "settings.json"
-    rounds = load_rounds(rounds_path) if rounds_path.exists() else []
+    optional = {name: run_dir / name for name in ("rounds.csv", "validation.csv", "training.csv")}
+    rounds = load_rounds(optional["rounds.csv"]) if optional["rounds.csv"].exists() else []
+    validation = load_predictions(optional["validation.csv"]) if optional["validation.csv"].exists() else []
+    training = load_training(optional["training.csv"]) if optional["training.csv"].exists() else []
+    return analyse(rows, rounds, validation=validation, training=training, n_boot=n_boot, progress=progress)
+
+
+def write_analysis(
+    run_dir: str | Path, analysis: Analysis, *, progress: Callable[[str], None] | None = None
+) -> ReportPaths:
+    """Write results.csv, report.md with plots/*.png and report.html of `analysis` into RUN_DIR."""
+    run_dir = Path(run_dir)
+    settings_path = run_dir / "settings.json"
     settings = load_settings(settings_path) if settings_path.exists() else None
-    analysis = analyse(rows, rounds, n_boot=n_boot, progress=progress)
     results = run_dir / "results.csv"
     write_text_atomic(results, results_csv(analysis))
     if progress:
@@ -1398,4 +1815,4 @@ def write_report(
     markdown, page = run_dir / "report.md", run_dir / "report.html"
     write_text_atomic(markdown, render_markdown(blocks))
     write_text_atomic(page, render_html(blocks, f"fedpath report: {run_dir.resolve().name}"))
-    return ReportPaths(results, markdown, page, tuple(plots))
+    return ReportPaths(results, markdown, page, tuple(plots), analysis)

@@ -14,7 +14,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "run_dir",
         type=Path,
         metavar="RUN_DIR",
-        help="run folder holding predictions.csv (rounds.csv and settings.json are used when present)",
+        help="run folder holding predictions.csv (rounds.csv, validation.csv, training.csv and settings.json "
+        "are used when present)",
     )
     p.add_argument(
         "--bootstrap",
@@ -46,10 +47,12 @@ def _run(args: argparse.Namespace) -> int:
 COMMAND = Command(
     name="report",
     help="render a run folder's cross-site comparison report (report.md, report.html, results.csv)",
-    description="Read RUN_DIR/predictions.csv (and rounds.csv, settings.json where present) and write "
-    "results.csv, report.md with PNG plots and a self-contained report.html into RUN_DIR: AUROC with "
-    "bootstrap 95% CIs per held-out site and method, the internal-vs-external generalization gap, "
-    "convergence, ROC curves, calibration and the privacy-utility curve.",
+    description="Read RUN_DIR/predictions.csv (and rounds.csv, validation.csv, training.csv, settings.json "
+    "where present) and write results.csv, report.md with PNG plots and a self-contained report.html into "
+    "RUN_DIR: AUROC with bootstrap 95% CIs per held-out site and method, sensitivity and specificity at a "
+    "threshold chosen on validation, the internal-vs-external generalization gap, convergence, ROC curves, "
+    "calibration and the privacy-utility curve. Methods that did not learn are marked and left out of the "
+    "findings.",
     add_arguments=_add_arguments,
     run=_run,
 )

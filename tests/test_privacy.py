@@ -69,6 +69,14 @@ def test_sample_rate_counts_patients_not_slides_or_tiles(tmp_path: Path) -> None
     assert stats.steps == plan.steps  # every planned step taken, empty Poisson batches included
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # Opacus hooks removed
 
+    # with local steps (the default), a round is that many noisy steps, planned, taken and accounted as such
+    fixed = plan_round(
+        DPConfig(noise_multiplier=1.0, expected_batch_size=2), ledger, patients=10, epochs=3, steps=7
+    )
+    assert fixed.steps == 7 and fixed.epsilon_after < plan.epsilon_after  # 7 steps spend less than 15
+    model = create_mil("abmil", in_dim=6, num_classes=2, hidden_dim=8, attention_dim=4)
+    assert train_epochs(model, bags, TrainConfig(steps=7, seed=0), privacy=fixed).steps == 7
+
 
 def test_ledger_composes_across_rounds_runs_and_restarts(tmp_path: Path) -> None:
     path = tmp_path / "site" / "ledger.json"

@@ -3,6 +3,7 @@ a site refused at its budget while the run goes on, the ledger surviving a resta
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from fedpath.client.privacy import PrivacyLedger, default_delta, epsilon_of, sample_rate, steps_per_epoch
 from fedpath.common.manifest import load_manifest, split_patients
 from fedpath.common.runconfig import PRIVACY_EXHAUSTED, RunConfig
+from fedpath.common.standardize import is_standardized
 from fedpath.server.federation import initial_weights
 from fedpath.server.runfolder import RunFolder, load_model
 from fedpath.simulation.simulate import federation_config, simulate
@@ -25,8 +27,8 @@ COHORT = SynthConfig(
     sites=2, slides=105, size_skew=2.0, dim=8, tiles_median=20, tiles_min=8, tiles_max=60, signal=4.0,
     witness_min=0.2, witness_max=0.4, shift=0.0, multi_slide_fraction=0.0, prevalence=0.5, prevalence_skew=0.0,
 )  # fmt: skip
-SETTINGS = {"local_epochs": 1, "dp_lr": 0.05, "proximal_mu": 0.01, "min_sites": 1, "seed": 3, "dp_noise": SIGMA,
-            "dp_batch": BATCH}  # fmt: skip
+SETTINGS = {"local_epochs": 1, "local_steps": 0, "dp_lr": 0.05, "proximal_mu": 0.01, "min_sites": 1, "seed": 3,
+            "dp_noise": SIGMA, "dp_batch": BATCH}  # fmt: skip
 
 
 def epsilons(train_patients: int, rounds: int) -> list[float]:
@@ -108,6 +110,9 @@ def test_model_still_learns_under_dp(privacy_runs: PrivateRuns) -> None:
     by_site = held_out_by_site(model, runs.manifest, RunConfig.model_validate(ckpt.config))
     # chance is 0.5; stated margin: at least 0.2 above it on the large site's held-out patients
     assert by_site[runs.large][0] >= 0.7, by_site
+    # the sites' feature sums are not covered by the DP accounting: no standardisation query under DP
+    assert not is_standardized(model)
+    assert "DP" in json.loads((runs.run_dir / "standardization.json").read_text())["why"]
 
 
 def test_client_level_dp_adds_noise_and_accounts_for_it(tmp_path: Path) -> None:
@@ -131,3 +136,5 @@ def test_client_level_dp_adds_noise_and_accounts_for_it(tmp_path: Path) -> None:
     # noise of SD noise·clip/min_sites = 25 per coordinate per round; clipped updates alone move < clip
     assert drift > 10 * clip, drift
     assert "Client-level differential privacy" in folder.card_md.read_text()
+    # the standardizer is not noised (it would be destroyed: scale near 0 or negative) and, under DP, not set
+    assert not is_standardized(model)

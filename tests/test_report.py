@@ -70,12 +70,57 @@ def _prediction_rows(
 
 
 HEADER = ["protocol", "method", "test_site", "seed", "patient_id", "label", "score", "epsilon"]
+TRAINING_HEADER = [
+    "protocol",
+    "method",
+    "test_site",
+    "seed",
+    "train_patients",
+    "train_classes",
+    "val_patients",
+]
+
+
+def _validation_rows(
+    signals: dict[str, tuple[float, float] | None], protocols: tuple[str, ...], n: int = 10
+) -> list[list[str]]:
+    """validation.csv: each cell's model on n validation patients of its training sites, scored with the
+    same signal as its test patients (other noise)."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for protocol in protocols:
+        for method, signal in signals.items():
+            eps = re.search(r"eps=(\d+)", method)
+            for site in SITES:
+                for seed in SEEDS:
+                    labels = _labels(n)
+                    strength = None if signal is None else signal[0 if protocol == "loso" else 1]
+                    epsilon = eps.group(1) if eps else ""
+                    for i, (y, s) in enumerate(zip(labels, _scores(labels, strength, rng), strict=True)):
+                        patient = f"val-{site}-{seed}-{i}"
+                        rows.append([protocol, method, site, str(seed), patient, str(y), f"{s:.6f}", epsilon])
+    return rows
+
+
+def _training_rows(
+    signals: dict[str, tuple[float, float] | None], protocols: tuple[str, ...], patients: int = 30
+) -> list[list[str]]:
+    """training.csv: every cell trained on `patients` patients of both classes, 10 validation patients."""
+    return [
+        [protocol, method, site, str(seed), str(patients), "2", "10"]
+        for protocol in protocols
+        for method in signals
+        for site in SITES
+        for seed in SEEDS
+    ]
 
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory: pytest.TempPathFactory) -> ReportPaths:
     run = tmp_path_factory.mktemp("run")
     write_csv(run / "predictions.csv", HEADER, _prediction_rows(SIGNAL, ("loso", "internal")))
+    write_csv(run / "validation.csv", HEADER, _validation_rows(SIGNAL, ("loso", "internal")))
+    write_csv(run / "training.csv", TRAINING_HEADER, _training_rows(SIGNAL, ("loso", "internal")))
     rounds = [
         ["loso", "fedprox(mu=0.01)", site, str(seed), str(r), metric, f"{value:.4f}"]
         for site in SITES
@@ -315,3 +360,294 @@ def test_pooled_losing_and_inverted_models_are_warnings_not_findings(tmp_path: P
     findings = text.split("## Findings", 1)[1].split("\n## ", 1)[0]
     assert "⚠ Pooled training" in findings and "not a finding that federation beats pooling" in findings
     assert "inverted: the whole AUROC CI lies below 0.5" in text
+
+
+# --- what the report refuses to claim: methods that did not learn, small hospitals, uneven means ------------
+
+
+def _cell(
+    protocol: str, method: str, site: str, seed: int, labels: np.ndarray, scores: np.ndarray, who: str = "p"
+) -> list[list[str]]:
+    """predictions.csv (or validation.csv) rows of one cell, binary, no ε column."""
+    return [
+        [protocol, method, site, str(seed), f"{site}-{who}{i}", str(y), f"{s:.6f}"]
+        for i, (y, s) in enumerate(zip(labels, scores, strict=True))
+    ]
+
+
+def _findings(text: str) -> list[str]:
+    section = text.split("## Findings", 1)[1].split("\n## ", 1)[0]
+    bullets = section.split("\n\nLeft out of these findings", 1)[0]
+    return [line[2:] for line in bullets.splitlines() if line.startswith("- ")]
+
+
+def test_method_with_training_loss_at_chance_is_marked_and_not_named_by_any_finding(tmp_path: Path) -> None:
+    from fedpath.simulation.compare import comparison_lines, format_headline, headline
+
+    # fedavg's test scores are the best of the run, but its training loss never left ln 2 ≈ 0.693
+    signals: dict[str, tuple[float, float] | None] = {
+        "pooled": (1.0, 1.0),
+        "fedavg": (3.0, 3.0),
+        "fedprox(mu=0.01)": (1.5, 1.5),
+    }
+    write_csv(
+        tmp_path / "predictions.csv", HEADER[:-1], [r[:-1] for r in _prediction_rows(signals, ("loso",))]
+    )
+    rounds = [
+        ["loso", method, site, str(seed), str(r), metric, f"{value:.4f}"]
+        for method, losses in (("fedavg", (0.70,) * 5), ("fedprox(mu=0.01)", (0.69, 0.6, 0.5, 0.4, 0.3)))
+        for site in SITES
+        for seed in SEEDS
+        for r, loss in enumerate(losses, start=1)
+        for metric, value in (("train_loss", loss), ("val_auroc", 0.9))
+    ]
+    write_csv(
+        tmp_path / "rounds.csv",
+        ["protocol", "method", "test_site", "seed", "round", "metric", "value"],
+        rounds,
+    )
+    paths = write_report(tmp_path, n_boot=N_BOOT)
+    assert paths.analysis is not None
+    verdict = paths.analysis.verdicts[("loso", "fedavg")]
+    assert verdict.status == "did not learn" and "training loss stayed at chance" in verdict.why
+    assert paths.analysis.verdicts[("loso", "fedprox(mu=0.01)")].status == "learned"
+    text = paths.markdown.read_text()
+    findings = _findings(text)
+    assert findings and not any("fedavg" in f for f in findings), findings
+    assert next(f for f in findings if not f.startswith("⚠")).startswith("fedprox(mu=0.01) reached AUROC")
+    assert "✗ fedavg (unseen hospitals (LOSO)): did not learn: training loss stayed at chance" in text
+    assert "| fedavg | federated | ✗ did not learn |" in text
+    assert {r["verdict"] for r in _results(paths) if r["method"] == "fedavg"} == {"did not learn"}
+    # the printed table: marked, listed after the methods that learned, and compared with nothing
+    table = headline(paths.results, "loso")
+    methods = [r.label for r in table if r.role == "method"]
+    assert methods[-1] == "fedavg" and table.rows[methods.index("fedavg")].excluded
+    assert "fedavg ✗" in format_headline(table, "loso")
+    lines = comparison_lines(table)
+    assert lines and all(line.startswith("fedprox(mu=0.01) − ") for line in lines)
+
+
+def test_inverted_method_is_left_out_of_findings(tmp_path: Path) -> None:
+    signals: dict[str, tuple[float, float] | None] = {
+        "pooled": (1.0, 1.0),
+        "fedavg": (-3.0, -3.0),  # ranks the classes the wrong way round: the only federation
+        "local:site-B": (2.0, 2.0),
+    }
+    write_csv(
+        tmp_path / "predictions.csv", HEADER[:-1], [r[:-1] for r in _prediction_rows(signals, ("loso",))]
+    )
+    paths = write_report(tmp_path, n_boot=N_BOOT)
+    assert paths.analysis is not None and paths.analysis.verdicts[("loso", "fedavg")].status == "inverted"
+    text = paths.markdown.read_text()
+    findings = _findings(text)
+    assert not any("fedavg" in f for f in findings), findings
+    assert findings[0].startswith("pooled reached AUROC") or any(
+        f.startswith("pooled reached") for f in findings
+    )
+    assert (
+        "Federated training did worse" not in text
+    )  # a federation that is inverted is no federation to judge
+    assert "✗ fedavg (unseen hospitals (LOSO)): inverted" in text
+    assert "| fedavg | federated | ✗ inverted |" in text
+
+
+def _loso_cells(
+    test_signal: dict[str, float],
+    sites: dict[str, int],
+    rng: np.random.Generator,
+    labels_at: dict[str, np.ndarray] | None = None,
+) -> list[list[str]]:
+    """LOSO predictions: local:X at every site but X, other methods at every site, seeds 0 and 1."""
+    rows = []
+    for method, signal in test_signal.items():
+        for site, n in sites.items():
+            if method == f"local:{site}":
+                continue
+            for seed in (0, 1):
+                labels = labels_at[site] if labels_at and site in labels_at else _labels(n)
+                rows += _cell("loso", method, site, seed, labels, _scores(labels, signal, rng))
+    return rows
+
+
+def test_one_class_or_five_patient_hospital_is_never_the_best_hospital(tmp_path: Path) -> None:
+    from fedpath.simulation.compare import format_headline, headline
+
+    rng = np.random.default_rng(3)
+    sites = {"site-A": 30, "site-B": 30, "site-C": 30, "site-D": 30}
+    test_signal = {"local:site-A": 4.0, "local:site-B": 4.0, "local:site-C": 0.5, "local:site-D": 1.0}
+    write_csv(
+        tmp_path / "predictions.csv", HEADER[:-1], _loso_cells({**test_signal, "fedavg": 1.5}, sites, rng)
+    )
+    # on validation A, B and C are perfect, D good: C wins, though D is better at test and A, B at both
+    val_signal: dict[str, float | None] = {
+        "local:site-A": None, "local:site-B": None, "local:site-C": None, "local:site-D": 1.0, "fedavg": 1.5,
+    }  # fmt: skip
+    validation = []
+    for method, signal in val_signal.items():
+        for site in sites:
+            if method != f"local:{site}":
+                for seed in (0, 1):
+                    labels = _labels(20)
+                    validation += _cell("loso", method, site, seed, labels, _scores(labels, signal, rng), "v")
+    write_csv(tmp_path / "validation.csv", HEADER[:-1], validation)
+    facts = {
+        "local:site-A": (30, 1),
+        "local:site-B": (5, 2),
+        "local:site-C": (30, 2),
+        "local:site-D": (30, 2),
+    }
+    training = [
+        ["loso", method, site, str(seed), str(n), str(k), "6"]
+        for method, (n, k) in facts.items()
+        for site in sites
+        for seed in (0, 1)
+        if method != f"local:{site}"
+    ]
+    write_csv(tmp_path / "training.csv", TRAINING_HEADER, training)
+    paths = write_report(tmp_path, n_boot=N_BOOT)
+    assert paths.analysis is not None
+    table = paths.analysis.comparisons["loso"]
+    assert table.best_hospital == "local:site-C"
+    notes = " ".join(table.notes)
+    assert "local:site-A (only 1 class among its training patients)" in notes
+    assert "local:site-B (5 training patients (< 10))" in notes
+    results = _results(paths)
+    assert {r["hospital_eligible"] for r in results if r["method"] == "local:site-A"} == {
+        "no: only 1 class among its training patients"
+    }
+    text = paths.markdown.read_text()
+    assert "The best single hospital alone (local:site-C)" in text
+    assert "| local:site-B | 5 | 2 | 1.00 (20 patients) | no: 5 training patients (< 10) |" in text
+    # the oracle picks among the eligible hospitals only: at site-B, C or D, never A
+    oracle = table.row("oracle")
+    assert oracle is not None
+    at_b = {m: table.hospitals[i].row.at("site-B") for i, m in enumerate(test_signal)}
+    assert oracle.at("site-B") == pytest.approx(max(at_b["local:site-C"], at_b["local:site-D"]), abs=1e-5)
+    assert oracle.at("site-B") < at_b["local:site-A"]
+    printed = format_headline(headline(paths.results, "loso"), "loso")
+    assert "local, best hospital (site-C)" in printed and "(site-A)" not in printed
+
+
+def test_every_mean_of_a_table_is_over_the_same_sites(tmp_path: Path) -> None:
+    from fedpath.simulation.compare import headline
+
+    rng = np.random.default_rng(4)
+    sites = {"site-A": 30, "site-B": 30, "site-C": 12}
+    one_class = {"site-C": np.zeros(12, dtype=int)}  # no AUROC at site-C; balanced accuracy and ECE exist
+    methods = {"fedavg": 1.5, "pooled": 1.0, "local:site-A": 1.0, "local:site-B": 0.8}
+    write_csv(tmp_path / "predictions.csv", HEADER[:-1], _loso_cells(methods, sites, rng, one_class))
+    write_csv(
+        tmp_path / "validation.csv",
+        HEADER[:-1],
+        _loso_cells(methods, {"site-A": 20, "site-B": 20, "site-C": 20}, rng),
+    )
+    paths = write_report(tmp_path, n_boot=N_BOOT)
+    assert paths.analysis is not None
+    table = paths.analysis.comparisons["loso"]
+    assert table.sites == ("site-A", "site-B") and "one class" in table.left_out["site-C"]
+    results = _results(paths)
+
+    def site_mean(method: str, metric: str, site: str) -> float:
+        return float(
+            np.mean([float(r[metric]) for r in results if (r["method"], r["test_site"]) == (method, site)])
+        )
+
+    fedavg = next(r for r in table if r.method == "fedavg")
+    for metric in ("auroc", "balanced_accuracy", "ece", "sensitivity", "specificity", "accuracy"):
+        over_ab = np.mean([site_mean("fedavg", metric, s) for s in ("site-A", "site-B")])
+        assert fedavg.mean_of(metric) == pytest.approx(over_ab, abs=1e-5), metric
+    over_all = np.mean([site_mean("fedavg", "balanced_accuracy", s) for s in sites])
+    assert fedavg.mean_of("balanced_accuracy") != pytest.approx(over_all, abs=1e-3)  # site-C would move it
+    assert all(r.sites == ("site-A", "site-B") for r in table if r.role in ("method", "mean of hospitals"))
+    best = table.row("best hospital")
+    assert best is not None and best.sites == tuple(s for s in ("site-A", "site-B") if s not in best.method)
+    text = paths.markdown.read_text()
+    fed_line = next(line for line in text.splitlines() if line.startswith("| fedavg |"))
+    assert f"| {fedavg.mean_of('balanced_accuracy'):.2f} |" in fed_line and "| 2 × 2 |" in fed_line
+    assert "site-C left out (AUROC undefined for" in text
+    # the findings quote the same means as the table
+    assert f"fedavg reached AUROC {fedavg.mean:.2f}" in text
+    # and the printed table, read back from results.csv, is the same table
+    printed = headline(paths.results, "loso")
+    assert [(r.label, round(r.mean, 4), r.sites) for r in printed] == [
+        (r.label, round(r.mean, 4), r.sites) for r in table
+    ]
+
+
+def test_threshold_chosen_on_validation_sets_sensitivity_and_specificity(tmp_path: Path) -> None:
+    from fedpath.simulation.verdicts import operating_point, youden_threshold
+
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    test = np.array([0.62, 0.68, 0.75, 0.9, 0.2, 0.4, 0.55, 0.66])
+    # validation patients that separate at 0.65, at 0.725, and one-class ones (fall back to 0.5)
+    cases = [
+        (labels, np.array([0.7, 0.8, 0.9, 0.95, 0.1, 0.2, 0.3, 0.6]), 0.65, (0.75, 0.75, 0.75)),
+        (labels, np.array([0.75, 0.8, 0.9, 0.95, 0.1, 0.3, 0.6, 0.7]), 0.725, (0.5, 1.0, 0.75)),
+        (np.zeros(8, dtype=int), np.linspace(0.1, 0.8, 8), 0.5, (1.0, 0.5, 0.75)),
+    ]
+    for val_labels, val_scores, threshold, expected in cases:
+        chosen, _ = youden_threshold(val_labels, val_scores)
+        assert chosen == pytest.approx(threshold)
+        assert operating_point(labels, test, chosen) == pytest.approx(expected)
+        write_csv(
+            tmp_path / "predictions.csv", HEADER[:-1], _cell("loso", "fedavg", "site-A", 0, labels, test)
+        )
+        write_csv(
+            tmp_path / "validation.csv",
+            HEADER[:-1],
+            _cell("loso", "fedavg", "site-A", 0, val_labels, val_scores, "v"),
+        )
+        (row,) = _results(write_report(tmp_path, n_boot=N_BOOT))
+        assert float(row["threshold"]) == pytest.approx(threshold)
+        got = (float(row["sensitivity"]), float(row["specificity"]), float(row["accuracy"]))
+        assert got == pytest.approx(expected)
+    assert "one class" in row["threshold_from"]  # the last case says why its threshold is 0.5
+    (
+        tmp_path / "validation.csv"
+    ).unlink()  # an older run: the report still renders, without an operating point
+    paths = write_report(tmp_path, n_boot=N_BOOT)
+    (row,) = _results(paths)
+    assert row["sensitivity"] in ("", "nan") and row["threshold_from"].startswith("not available")
+    assert "No validation.csv" in paths.markdown.read_text()
+
+
+@pytest.mark.parametrize("protocol", ["internal", "cv"])
+def test_internal_and_cv_headlines_never_speak_of_unseen_sites(tmp_path: Path, protocol: str) -> None:
+    from fedpath.simulation.compare import comparison_lines, format_headline, headline
+
+    rng = np.random.default_rng(5)
+    sites = ["site-A", "site-B", "site-C"] if protocol == "internal" else ["fold-01", "fold-02", "fold-03"]
+    rows, validation = [], []
+    for method, signal in {
+        "fedavg": 2.0,
+        "pooled": 2.0,
+        "local:A": 1.0,
+        "local:B": 1.2,
+        "local:C": 0.9,
+    }.items():
+        for i, site in enumerate(sites):
+            if protocol == "internal" and method.startswith("local") and method[-1] != "ABC"[i]:
+                continue  # internal: one hospital model per site, on its own test patients; cv: every fold
+            for seed in (0, 1):
+                labels = _labels(30)
+                rows += _cell(protocol, method, site, seed, labels, _scores(labels, signal, rng))
+                validation += _cell(protocol, method, site, seed, labels, _scores(labels, signal, rng), "v")
+    write_csv(tmp_path / "predictions.csv", HEADER[:-1], rows)
+    write_csv(tmp_path / "validation.csv", HEADER[:-1], validation)
+    paths = write_report(tmp_path, n_boot=N_BOOT)
+    table = headline(paths.results, protocol)
+    # the oracle is dropped exactly where it would repeat the mean of hospitals: one hospital model per site
+    assert table.row("mean of hospitals") is not None
+    assert (table.row("oracle") is None) == (protocol == "internal")
+    assert any("No 'best at each site (oracle)' row" in note for note in table.notes) == (
+        protocol == "internal"
+    )
+    lines = comparison_lines(table)
+    assert lines and not any("did not train on" in line for line in lines)
+    assert any("at its own site's test patients" in line for line in lines) == (protocol == "internal")
+    assert "held-out" not in format_headline(table, protocol).splitlines()[0]
+    text = paths.markdown.read_text()
+    headline_section = text.split("## Headline", 1)[1].split("\n## ", 1)[0]
+    findings = _findings(text)
+    assert not any("never trained on" in f or "did not train on" in f for f in [*findings, headline_section])
+    assert any("on new patients of the hospitals it trained with" in f for f in findings)

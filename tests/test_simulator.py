@@ -291,3 +291,69 @@ def test_baselines_present_their_best_round_by_validation_loss(small_cohort: Pat
     best = min(range(len(losses)), key=lambda i: (round(losses[i], 6), i)) + 1
     assert predict(trained.model, val).loss == pytest.approx(min(losses), rel=1e-5), losses
     assert f"round {best} of {config.rounds}" in trained.note
+
+
+# --- what each cell records for the report's rules ----------------------------------------------------------
+
+
+def test_cells_record_validation_and_training_facts_and_older_cells_still_render(
+    small_cohort: Path, tmp_path: Path
+) -> None:
+    from fedpath.simulation.compare import headline, render
+
+    out = tmp_path / "run"
+    config = CompareConfig(methods=("local", "pooled"), seeds=1, rounds=1, protocols=("loso",))
+    outcome = run_comparison(small_cohort, out, config, n_boot=20, say=lambda _: None)
+    assert outcome.cells_run == 9 and outcome.analysis is not None
+    labels = load_manifest(small_cohort).patient_labels()
+    markers = sorted(out.glob("cells/*/*/*/seed-*/done.json"))
+    for marker in markers:
+        done = json.loads(marker.read_text())
+        with (marker.parent / "validation.csv").open() as f:
+            validation = list(csv.DictReader(f))
+        # the job's model on its own validation patients, filed under this cell
+        assert {r["patient_id"] for r in validation} == set(done["val_patients"]) != set()
+        assert {(r["test_site"], r["seed"]) for r in validation} == {(done["test_site"], str(done["seed"]))}
+        assert not set(done["val_patients"]) & (set(done["train_patients"]) | set(done["test_patients"]))
+        assert done["train_classes"] == len({labels[p] for p in done["train_patients"]})
+    with (out / "training.csv").open() as f:
+        training = list(csv.DictReader(f))
+    assert len(training) == 9 and all(r["train_classes"] and r["val_patients"] for r in training)
+    assert (out / "validation.csv").exists()
+    with outcome.results.open() as f:
+        results = list(csv.DictReader(f))
+    assert all(r["threshold_from"].startswith(("Youden", "0.5")) for r in results)
+    assert {r["hospital_eligible"] != "" for r in results if r["method"].startswith("local")} == {True}
+    # the printed table is the report's own table, whether handed over or read back from results.csv
+    printed, report = headline(outcome.results, "loso"), headline(outcome.analysis, "loso")
+    assert [(r.label, round(r.mean, 4)) for r in printed] == [(r.label, round(r.mean, 4)) for r in report]
+
+    # cells of an older fedpath: no validation.csv, no class count or validation patients in done.json
+    for marker in markers:
+        (marker.parent / "validation.csv").unlink()
+        done = json.loads(marker.read_text())
+        del done["train_classes"], done["val_patients"]
+        marker.write_text(json.dumps(done))
+    paths = render(out, cohort=None, config=config, n_boot=20, say=lambda _: None)
+    text = paths.markdown.read_text()
+    assert "No validation.csv" in text and "Not checked for lack of training facts" in text
+    assert not (out / "validation.csv").exists()
+    with paths.results.open() as f:
+        results = list(csv.DictReader(f))
+    assert all(r["threshold_from"].startswith("not available") for r in results)
+    assert {r["hospital_eligible"] for r in results if r["method"].startswith("local")} == {
+        "not checked: no training facts (training.csv)"
+    }
+
+
+def test_eta_waits_for_a_finished_job_of_each_kind(small_cohort: Path) -> None:
+    config = CompareConfig(methods=("local", "fedavg"), seeds=1, protocols=("loso",))
+    jobs = plan(load_manifest(small_cohort), config)
+    assert compare._eta(jobs, {}) == "after the first local, fedavg jobs"
+    local = [j for j in jobs if j.family == "local"]
+    assert (
+        compare._eta(jobs, {"local": [10.0]})
+        == f"after the first fedavg job (the other jobs: {10 * len(local)} s)"
+    )
+    fedavg = len(jobs) - len(local)
+    assert compare._eta(jobs, {"local": [1.0], "fedavg": [2.0, 4.0]}) == f"{len(local) + 3 * fedavg} s"

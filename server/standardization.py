@@ -1,0 +1,123 @@
+"""The coordinator's side of the feature standardisation the sites agree on (fedpath.common.standardize).
+
+Before round 1 of a fresh run, every connected site is asked (a Flower query message) for the tile count,
+per-dimension sum and sum of squares over its training patients; the coordinator adds them up and stores the
+pooled mean and SD in the initial model's `FeatureStandardizer`. From then on they travel with the weights,
+and aggregation keeps them as set (`frozen_arrays`): no site's update can move them.
+
+A site that replies with an error, with malformed sums, or with none (fewer than its k training patients,
+or a run with per-patient DP) is left out and named in the log and in ``standardization.json``. When no site
+sends sums the model stays unstandardised, and the log says so.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedpath.common.atomic import write_text_atomic
+from fedpath.common.mil import create_mil
+from fedpath.common.runconfig import SITE_NAME, SITE_RECORD, RunConfig
+from fedpath.common.standardize import FeatureMoments, combine, set_standardization
+from fedpath.common.wire import MOMENTS_COUNT, moments_from_reply
+
+STANDARDIZATION_FILE = "standardization.json"
+POLL_SECONDS = 1.0
+
+
+def frozen_arrays(names: list[str] | tuple[str, ...] | Any) -> list[str]:
+    """The state-dict names of the standardizer's buffers: aggregation keeps them as the coordinator set."""
+    return [n for n in names if n.endswith(("standardize.mean", "standardize.scale"))]
+
+
+def wait_for_sites(grid: Grid, wanted: int, timeout: float) -> list[int]:
+    """Node ids of the connected sites, once `wanted` are connected or `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < wanted and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
+        nodes = list(grid.get_node_ids())
+    return sorted(nodes)
+
+
+def ask_sites(grid: Grid, run: RunConfig) -> tuple[list[tuple[str, FeatureMoments]], dict[str, str]]:
+    """Every connected site's moments; (contributions by site name, site → why it gave none)."""
+    nodes = wait_for_sites(grid, run.min_sites, run.round_timeout)
+    messages = [
+        Message(
+            content=RecordDict({"config": ConfigRecord({"server-round": 0})}),
+            dst_node_id=node,
+            message_type=MessageType.QUERY,
+        )
+        for node in nodes
+    ]
+    replies = grid.send_and_receive(messages, timeout=run.round_timeout)
+    got: list[tuple[str, FeatureMoments]] = []
+    missing: dict[str, str] = {}
+    for reply in replies:
+        name = f"node-{reply.metadata.src_node_id}"
+        if reply.has_error():
+            missing[name] = f"error code {reply.error.code}"  # the site's own text is never recorded
+            continue
+        record = reply.content.config_records.get(SITE_RECORD)
+        if record is not None and isinstance(record.get(SITE_NAME), str) and record.get(SITE_NAME):
+            name = str(record[SITE_NAME])
+        metrics = next(iter(reply.content.metric_records.values()), None)
+        if metrics is None or MOMENTS_COUNT not in metrics:
+            missing[name] = "sent no statistics (fewer training patients than its k, or a DP run)"
+            continue
+        arrays = next(iter(reply.content.array_records.values()), None)
+        try:
+            if arrays is None:
+                raise ValueError("no arrays")
+            got.append((name, moments_from_reply(arrays, metrics, run.in_dim)))
+        except ValueError as err:
+            missing[name] = f"malformed statistics ({err})"
+    return sorted(got, key=lambda pair: pair[0]), missing
+
+
+def standardize_initial(
+    grid: Grid, run: RunConfig, state: dict[str, torch.Tensor], folder: Path
+) -> dict[str, torch.Tensor]:
+    """The initial weights with the standardizer set from the sites' pooled moments (unchanged when the run
+    has standardisation off, trains with per-patient DP, or no site sent moments). Writes
+    ``standardization.json`` (sites, tile count) into the run folder."""
+    summary: dict[str, Any] = {"standardized": False}
+    if not run.standardize:
+        summary["why"] = "standardize is off in the run config"
+    elif run.private or run.central_dp_noise > 0:
+        summary["why"] = "a run with DP: the sites' feature sums are not covered by its accounting"
+    else:
+        got, missing = ask_sites(grid, run)
+        summary |= {"sites": [name for name, _ in got], "left_out": missing}
+        if got:
+            pooled = combine(m for _, m in got)
+            model = create_mil(run.model, in_dim=run.in_dim, num_classes=run.num_classes)
+            model.load_state_dict(state)
+            set_standardization(model, pooled)
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            summary |= {"standardized": True, "tiles": pooled.count}
+        else:
+            summary["why"] = "no site sent statistics"
+    for site, why in summary.get("left_out", {}).items():
+        log(WARNING, "standardisation: site %s left out: %s", site, why)
+    if summary["standardized"]:
+        log(INFO, "standardisation: feature mean and SD from %d tiles at %d site(s): %s", summary["tiles"],
+            len(summary["sites"]), ", ".join(summary["sites"]))  # fmt: skip
+    else:
+        log(WARNING, "standardisation: features are used as they are (%s)", summary["why"])
+    write_text_atomic(folder / STANDARDIZATION_FILE, json.dumps(summary, indent=1) + "\n")
+    return state
+
+
+def read_standardization(folder: Path) -> dict[str, Any] | None:
+    path = folder / STANDARDIZATION_FILE
+    return json.loads(path.read_text()) if path.exists() else None
