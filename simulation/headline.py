@@ -215,6 +215,11 @@ class ComparisonRow:
         return self.mean_of("auroc")
 
     @property
+    def validation_loss(self) -> float:
+        """Mean validation loss over the row's runs (each on its own training sites' validation patients)."""
+        return nanmean([v.get("val_loss", math.nan) for v in self.runs.values()])
+
+    @property
     def by_site(self) -> dict[str, float]:
         """AUROC (mean over seeds) at every site the row was tested at, inside the means or not."""
         return {s: self.at(s) for s in sorted({s for s, _ in self.runs}, key=natural_key)}
@@ -279,7 +284,10 @@ class Comparison:
         return next((r for r in self.rows if r.role == role), None)
 
     def best(self, methods: Sequence[str] | None = None) -> ComparisonRow | None:
-        """The method row (not excluded) with the highest mean AUROC, among `methods` if given."""
+        """The method row (not excluded) that a researcher would pick without looking at the test patients,
+        among `methods` if given: the lowest mean validation loss (over its runs, on their training sites'
+        validation patients), so a μ grid or FedAvg-vs-FedProx is decided on validation; by test AUROC only
+        where no row has a validation loss (cells from before validation.csv)."""
         found = [
             r
             for r in self.rows
@@ -288,6 +296,9 @@ class Comparison:
             and math.isfinite(r.mean)
             and (methods is None or r.method in methods)
         ]
+        validated = [r for r in found if math.isfinite(r.validation_loss)]
+        if validated:
+            return min(validated, key=lambda r: (r.validation_loss, -r.mean))
         return max(found, key=lambda r: r.mean, default=None)
 
 
@@ -300,7 +311,7 @@ def paired_difference(a: ComparisonRow, b: ComparisonRow, metric: str = "auroc")
 
 
 def _metrics(r: RunResult) -> dict[str, float]:
-    return {k: float(getattr(r, k)) for k in METRICS}
+    return {k: float(getattr(r, k)) for k in (*METRICS, "val_loss")}
 
 
 def _hospitals_summary(

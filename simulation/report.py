@@ -1192,16 +1192,22 @@ def _where(protocol: str, subject: str = "it") -> str:
 
 
 def _best(analysis: Analysis, protocol: str, kinds: Sequence[str]) -> Summary | None:
-    """The method of the first kind in `kinds` that has any that learned, with the highest mean AUROC. Not for
-    single hospitals: the best hospital is chosen on validation (`Comparison.best_hospital`)."""
+    """The method of the first kind in `kinds` that has any that learned, chosen as `Comparison.best` chooses
+    (on validation loss, not on the test patients). Not for single hospitals: the best hospital is chosen on
+    validation too (`Comparison.best_hospital`)."""
+    table = analysis.comparisons.get(protocol)
     for kind in kinds:
-        found = [
-            s
+        found = {
+            m: s
             for m, s in analysis.usable(protocol).items()
             if analysis.kind(m) == kind and math.isfinite(s.auroc.value)
-        ]
-        if found:
-            return max(found, key=lambda s: s.auroc.value)
+        }
+        if not found:
+            continue
+        row = table.best(list(found)) if table is not None else None
+        if row is not None and row.method in found:
+            return found[row.method]
+        return max(found.values(), key=lambda s: s.auroc.value)
     return None
 
 

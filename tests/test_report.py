@@ -651,3 +651,30 @@ def test_internal_and_cv_headlines_never_speak_of_unseen_sites(tmp_path: Path, p
     findings = _findings(text)
     assert not any("never trained on" in f or "did not train on" in f for f in [*findings, headline_section])
     assert any("on new patients of the hospitals it trained with" in f for f in findings)
+
+
+def test_a_mu_grid_is_decided_on_validation_not_on_the_test_patients(tmp_path: Path) -> None:
+    from fedpath.simulation.compare import comparison_lines, headline
+
+    rng = np.random.default_rng(4)
+    sites = {"site-A": 30, "site-B": 30, "site-C": 30}
+    # μ = 0.1 ranks the test patients better; μ = 0.01 fits its validation patients better (lower loss)
+    test_signal = {"fedprox(mu=0.01)": 1.0, "fedprox(mu=0.1)": 3.0, "pooled": 3.0}
+    val_signal = {"fedprox(mu=0.01)": 4.0, "fedprox(mu=0.1)": 0.8, "pooled": 3.0}
+    write_csv(tmp_path / "predictions.csv", HEADER[:-1], _loso_cells(test_signal, sites, rng))
+    validation = []
+    for method, signal in val_signal.items():
+        for site in sites:
+            for seed in (0, 1):
+                labels = _labels(20)
+                validation += _cell("loso", method, site, seed, labels, _scores(labels, signal, rng), "v")
+    write_csv(tmp_path / "validation.csv", HEADER[:-1], validation)
+    paths = write_report(tmp_path, n_boot=N_BOOT)
+    assert paths.analysis is not None
+    table = paths.analysis.comparisons["loso"]
+    rows = {r.method: r for r in table.rows}
+    tuned, better_at_test = rows["fedprox(mu=0.01)"], rows["fedprox(mu=0.1)"]
+    assert better_at_test.mean > tuned.mean and tuned.validation_loss < better_at_test.validation_loss
+    assert table.best(["fedprox(mu=0.01)", "fedprox(mu=0.1)"]) is tuned
+    lines = comparison_lines(headline(paths.results, "loso"))
+    assert lines and all(line.startswith("fedprox(mu=0.01)") for line in lines), lines
