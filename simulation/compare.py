@@ -31,8 +31,10 @@ Seeds
 The grid and resuming
     A *job* trains one model and scores it on one or more *cells* (protocol × method × test site × seed).
     Every finished cell is a folder ``cells/<protocol>/<method>/<test site>/seed-<seed>/`` holding
-    ``predictions.csv`` (patient level, the report's contract), ``rounds.csv`` for federated methods and,
-    written last, ``done.json`` (training and test patients, seeds, seconds). A rerun skips jobs whose cells
+    ``predictions.csv`` (patient level, the report's contract), ``validation.csv`` (the same model on its
+    training sites' validation patients: the report's threshold, verdicts and choices are taken there),
+    ``rounds.csv`` for federated methods and, written last, ``done.json`` (training and test patients, number
+    of classes trained on, seeds, seconds). A rerun skips jobs whose cells
     are all done, and a federation interrupted mid-run resumes from its last round checkpoint
     (``jobs/.../federation/``). More seeds, methods or μ/ε values may be added to an existing run folder;
     other training settings may not (``comparison.json`` records them). The report (``predictions.csv``,
