@@ -1044,5 +1044,8 @@ def comparison_lines(table: Comparison) -> list[str]:
         if other is None or other.excluded:
             continue
         diff, sites = paired_mean_difference(fed, other)
-        out.append(f"{fed.label} − {text}: {diff:+.3f} (paired over {sites} site{'s' if sites != 1 else ''})")
+        line = f"{fed.label} − {text}: {diff:+.3f} (paired over {sites} site{'s' if sites != 1 else ''})"
+        if role == METHOD and diff > 0:  # as the report says it: a warning, not a finding
+            line += "; pooled is the upper reference: above it points to under-training or small test sets"
+        out.append(line)
     return out

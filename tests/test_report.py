@@ -678,3 +678,21 @@ def test_a_mu_grid_is_decided_on_validation_not_on_the_test_patients(tmp_path: P
     assert table.best(["fedprox(mu=0.01)", "fedprox(mu=0.1)"]) is tuned
     lines = comparison_lines(headline(paths.results, "loso"))
     assert lines and all(line.startswith("fedprox(mu=0.01)") for line in lines), lines
+    pooled_line = next(line for line in lines if "− pooled:" in line)
+    assert "upper reference" not in pooled_line  # the federation is below pooled here: nothing to caution
+
+
+def test_a_federation_above_pooled_is_printed_with_its_caution(tmp_path: Path) -> None:
+    from fedpath.simulation.compare import comparison_lines, headline
+
+    rng = np.random.default_rng(6)
+    sites = {"site-A": 30, "site-B": 30, "site-C": 30}
+    write_csv(
+        tmp_path / "predictions.csv",
+        HEADER[:-1],
+        _loso_cells({"fedprox(mu=0.01)": 3.0, "pooled": 1.0}, sites, rng),
+    )
+    paths = write_report(tmp_path, n_boot=N_BOOT)
+    pooled_line = next(line for line in comparison_lines(headline(paths.results, "loso")) if "pooled" in line)
+    assert pooled_line.startswith("fedprox(mu=0.01) − pooled: +")
+    assert "upper reference: above it points to under-training or small test sets" in pooled_line
