@@ -316,15 +316,26 @@ def statistics(msg: Message, context: Context) -> Message:
     """Per-dimension tile count, sum and sum of squares over this site's training patients, for the feature
     standardisation the sites agree on (fedpath.common.standardize). Aggregates over every training tile,
     never a tile; only with at least k training patients, and never in a run with per-patient DP (its
-    accounting does not cover these sums): otherwise the reply holds the patient count alone."""
+    accounting does not cover these sums): otherwise the reply holds the patient count alone. A run the site's
+    own policy refuses (DP required, models, rounds) gets no statistics either: the refusal a training round
+    would get (code ``POLICY_REFUSED``), before any feature file is read."""
     run = RunConfig.from_flower(context.run_config)
     run.require_model_shape()
     site = load_site(resolve_site(context.node_config, run), run)
     check_compatible(site, run)
+    try:
+        SitePolicy.from_node_config(context.node_config).check_run(run, 0)
+    except PolicyRefused as err:
+        return _refused(msg, context, POLICY_REFUSED, err.reason)
     metrics: dict[str, int | float] = {WEIGHT_KEY: len(site.train)}
     arrays = None
     if not run.private and len(site.train) >= min_report_patients(context.node_config):
         moments = moments_of(site.train)
         metrics[MOMENTS_COUNT] = moments.count
         arrays = moments_to_arrays(moments)
+        site_log(context).info(
+            "sent feature statistics (tile count, per-dimension sums) over %d training patients, run %s",
+            len(site.train),
+            context.run_id,
+        )
     return _reply(msg, site, MetricRecord(metrics), arrays)  # type: ignore[arg-type]

@@ -62,9 +62,7 @@ def update_problems(update: ArrayRecord, reference: ArrayRecord) -> list[str]:
 
 def moments_to_arrays(moments: FeatureMoments) -> ArrayRecord:
     """A site's feature moments as the ArrayRecord of its statistics reply (its count goes in the metrics)."""
-    return ArrayRecord(
-        {MOMENTS_TOTAL: Array(moments.total.astype(np.float64)), MOMENTS_SQUARES: Array(moments.squares)}
-    )
+    return ArrayRecord({MOMENTS_TOTAL: Array(moments.total), MOMENTS_SQUARES: Array(moments.squares)})
 
 
 def moments_from_reply(arrays: ArrayRecord, metrics: MetricRecord, dim: int) -> FeatureMoments:

@@ -198,7 +198,12 @@ def render_model_card(card: dict[str, Any]) -> str:
     lines = [
         f"# Model card: {cfg['model']} trained with FedProx (μ = {cfg['proximal_mu']})",
         "",
-        f"- rounds: {card['rounds']} of {cfg['num_server_rounds']}, {cfg['local_epochs']} local epoch(s) each",
+        f"- rounds: {card['rounds']} of {cfg['num_server_rounds']}, "
+        + (
+            f"{cfg['local_steps']} optimizer steps at every site each"
+            if cfg.get("local_steps")
+            else f"{cfg['local_epochs']} local epoch(s) each"
+        ),
         f"- model: `{cfg['model']}`, in_dim {cfg['in_dim']}, {cfg['num_classes']} classes",
         f"- sites that took part: {', '.join(card['sites']) or 'none'}",
         f"- seeds: run {cfg['seed']}, split {cfg['split_seed']}",

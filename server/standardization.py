@@ -13,15 +13,16 @@ sends sums the model stays unstandardised, and the log says so.
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedpath.common.atomic import write_text_atomic
 from fedpath.common.mil import create_mil
@@ -30,34 +31,31 @@ from fedpath.common.standardize import FeatureMoments, combine, set_standardizat
 from fedpath.common.wire import MOMENTS_COUNT, moments_from_reply
 
 STANDARDIZATION_FILE = "standardization.json"
-POLL_SECONDS = 1.0
 
 
-def frozen_arrays(names: list[str] | tuple[str, ...] | Any) -> list[str]:
+def frozen_arrays(names: Iterable[str]) -> list[str]:
     """The state-dict names of the standardizer's buffers: aggregation keeps them as the coordinator set."""
     return [n for n in names if n.endswith(("standardize.mean", "standardize.scale"))]
 
 
-def wait_for_sites(grid: Grid, wanted: int, timeout: float) -> list[int]:
-    """Node ids of the connected sites, once `wanted` are connected or `timeout` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    nodes = list(grid.get_node_ids())
-    while len(nodes) < wanted and time.monotonic() < deadline:
-        time.sleep(POLL_SECONDS)
-        nodes = list(grid.get_node_ids())
-    return sorted(nodes)
+def keep_standardization(arrays: ArrayRecord, reference: ArrayRecord) -> None:
+    """Put the coordinator's standardizer buffers (from `reference`) back into aggregated `arrays`, in place:
+    the agreed standardisation, not an average of the sites' copies nor noise added to it."""
+    for name in frozen_arrays(reference):
+        arrays[name] = reference[name]
 
 
 def ask_sites(grid: Grid, run: RunConfig) -> tuple[list[tuple[str, FeatureMoments]], dict[str, str]]:
-    """Every connected site's moments; (contributions by site name, site → why it gave none)."""
-    nodes = wait_for_sites(grid, run.min_sites, run.round_timeout)
+    """Every connected site's moments; (contributions by site name, site → why it gave none). Waits for
+    min-sites nodes as the strategy's first round does (Flower's own `sample_nodes`)."""
+    _, nodes = sample_nodes(grid, run.min_sites, 0)
     messages = [
         Message(
             content=RecordDict({"config": ConfigRecord({"server-round": 0})}),
             dst_node_id=node,
             message_type=MessageType.QUERY,
         )
-        for node in nodes
+        for node in sorted(nodes)
     ]
     replies = grid.send_and_receive(messages, timeout=run.round_timeout)
     got: list[tuple[str, FeatureMoments]] = []

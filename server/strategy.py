@@ -47,7 +47,7 @@ from fedpath.common.runconfig import (
     WEIGHT_KEY,
 )
 from fedpath.common.wire import update_problems
-from fedpath.server.standardization import frozen_arrays
+from fedpath.server.standardization import keep_standardization
 
 
 @dataclass
@@ -269,8 +269,7 @@ class GuardedFedProx(FedProx):
         # FedAvg's aggregation without its check that all replies hold the same metric keys (see above).
         contents = [msg.content for _, msg in accepted]
         arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
-        for name in frozen_arrays(list(self.reference)):  # the agreed standardisation, not an average of it
-            arrays[name] = self.reference[name]
+        keep_standardization(arrays, self.reference)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         record.aggregated = arrays is not None
         record.train_aggregate = dict(metrics or {})  # type: ignore[arg-type]
@@ -343,6 +342,5 @@ class GuardedCentralDP(DifferentialPrivacyServerSideFixedClipping):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
-            for name in frozen_arrays(list(self.strategy.reference)):
-                arrays[name] = self.strategy.reference[name]
+            keep_standardization(arrays, self.strategy.reference)
         return arrays, metrics

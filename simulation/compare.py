@@ -904,9 +904,14 @@ def render(
         "protocols": {p: f"test patients: {TEST_PATIENTS[p]}" for p in config.protocols},
         "training": {
             **config.training(),
-            "epochs per site": f"{config.rounds * config.local_epochs} (rounds × local epochs), every method",
-            "model presented": f"every method: {SELECTION_RULE} (local and pooled: every local_epochs epochs "
-            "stand for a round)",
+            "budget": (
+                f"{config.rounds} rounds of {config.local_steps} optimizer steps at every training site, every "
+                "method (a local model: that many steps a round; pooled over K sites: K × that many)"
+                if config.local_steps
+                else f"{config.rounds * config.local_epochs} epochs per site (rounds × local epochs), every method"
+            ),
+            "model presented": f"every method: {SELECTION_RULE} (local and pooled: the work that stands for a "
+            "round is followed by a validation)",
             "seeds": "seed i: train_seed + i; internal and cv split (cv: deal the folds) with split_seed + i, "
             "loso with split_seed",
         },

@@ -108,6 +108,26 @@ def test_each_rule_refuses_before_training_with_its_code(
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_a_refused_run_gets_no_feature_statistics_either(site: Path) -> None:
+    """The standardisation query (before round 1) answers to the site's policy like a training round."""
+
+    def query(run: RunConfig, node_config: Node) -> Message:
+        msg = Message(
+            content=RecordDict({"config": ConfigRecord({"server-round": 0})}),
+            dst_node_id=1,
+            message_type="query",
+        )
+        return client_app(msg, Context(1, 1, node_config, RecordDict(), run.to_flower()))
+
+    allowed = query(RUN, {"manifest": str(site), "site": "H1"})
+    assert not allowed.has_error() and len(allowed.content.array_records) == 1  # 17 training patients ≥ k
+    refused = query(RUN, {"manifest": str(site), "site": "H1", "policy-require-dp": True})
+    assert refused.has_error() and refused.error.code == POLICY_REFUSED
+    assert "policy-require-dp" in refused.error.reason and "H1-P" not in refused.error.reason
+    assert not refused.has_content()
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_rounds_within_the_policy_train_and_are_recorded_with_it(site: Path, trainings: list[bool]) -> None:
     node: Node = {"manifest": str(site), "site": "H1", "policy-require-dp": True, "policy-min-noise": 0.8}
     node |= {
