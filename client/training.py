@@ -8,7 +8,7 @@ Poisson-sampled patients, and the proximal pull becomes a step after each noisy 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -49,6 +49,9 @@ class TrainConfig(BaseModel):
     optimizer: Literal["adamw", "sgd"] = Field(
         "adamw", description="AdamW, or SGD with momentum 0.9 (better under DP: Adam rescales noise upward)"
     )
+    site_batches: bool = Field(
+        False, description="every batch from one site (training pooled across sites; see SiteBatches)"
+    )
 
 
 @dataclass(frozen=True)
@@ -69,10 +72,48 @@ class Predictions:
     loss: float
 
 
+class SiteBatches:
+    """Batches that each hold one site's bags (a torch batch sampler over a BagDataset's indices): every bag
+    once per pass, in batches of its own site, the batches in random order."""
+
+    def __init__(self, bags: Sequence[Bag], *, batch_size: int, seed: int) -> None:
+        self.by_site: dict[str, list[int]] = {}
+        for i, bag in enumerate(bags):
+            self.by_site.setdefault(bag.site, []).append(i)
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return sum(-(-len(v) // self.batch_size) for v in self.by_site.values())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = []
+        for idx in self.by_site.values():
+            order = self.rng.permutation(idx).tolist()
+            batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        for k in self.rng.permutation(len(batches)):
+            yield batches[k]
+
+
 def make_loader(
-    dataset: BagDataset, *, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0
+    dataset: BagDataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    batches: SiteBatches | None = None,
 ) -> DataLoader[BagBatch]:
+    """Bags in batches of `batch_size`, or as `batches` groups them."""
     generator = torch.Generator().manual_seed(seed)
+    if batches is not None:
+        return DataLoader(
+            dataset,  # type: ignore[arg-type]
+            batch_sampler=batches,
+            collate_fn=collate_bags,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+        )
     return DataLoader(
         dataset,  # type: ignore[arg-type]
         batch_size=batch_size,
@@ -107,6 +148,9 @@ def train_epochs(
     steps when that is set (the bags are passed over as often as it takes, reshuffled every pass: a site of
     3 patients and one of 300 then do the same amount of local work).
 
+    With `config.site_batches`, every batch holds one site's bags (`SiteBatches`). Not under DP, whose Poisson
+    sampling and accounting are per patient.
+
     Callbacks, where a baseline's early-stopping rule looks at its validation patients: `after_epoch(epoch)`
     (0-based) after each epoch; `every=(n, f)` calls f(k) after every n-th step (k = 1, 2, …).
 
@@ -116,6 +160,8 @@ def train_epochs(
     """
     if not bags:
         raise ValueError("no training bags")
+    if privacy is not None and config.site_batches:
+        raise ValueError("site_batches does not go with DP: its sampling and accounting are per patient")
     torch.manual_seed(config.seed)
     model.to(device).train()
     dataset = BagDataset(bags, max_tiles=config.max_tiles, seed=config.seed)
@@ -135,6 +181,11 @@ def train_epochs(
             shuffle=True,
             seed=config.seed,
             num_workers=config.num_workers,
+            batches=(
+                SiteBatches(bags, batch_size=config.batch_size, seed=config.seed)
+                if config.site_batches
+                else None
+            ),
         )
     else:
         from fedpath.client.privacy import make_private, proximal_step

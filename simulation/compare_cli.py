@@ -72,7 +72,7 @@ def add_grid_options(
             names=OPTION_NAMES,
             defaults={**(defaults or {}), "methods": methods, "seeds": seeds},
             helps={"protocols": ",".join(PROTOCOLS), "methods": ",".join(METHODS)},
-            metavars={"protocols": "P[,P]", "methods": "M[,M]"},
+            metavars={"protocols": "P[,P]", "methods": "M[,M]", "pooled_batches": "B"},
         )
     p.usage = p.usage or "%(prog)s [options]"
 

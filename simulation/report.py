@@ -1293,8 +1293,10 @@ def findings(analysis: Analysis) -> list[str]:
         warnings.append(
             f"⚠ Pooled training ({_est(pooled.auroc)}) scored below {beaten_by.method} "
             f"({_est(beaten_by.auroc)}). Pooling every hospital's patients is the reference a federation tries "
-            "to match, so this is a sign that the baselines are under-trained or the test sets too small, "
-            "not a finding that federation beats pooling."
+            "to match, so this is not a finding that federation beats pooling: it points to under-trained "
+            "baselines or test sets too small, or (at unseen hospitals with strong site shift, as on fedpath's "
+            "synthetic cohorts) to pooled training that learns what tells its hospitals apart, where the "
+            "sites' separate local steps do not."
         )
     if pooled is not None and pooled is not lead:
         out.append(

@@ -695,4 +695,4 @@ def test_a_federation_above_pooled_is_printed_with_its_caution(tmp_path: Path) -
     paths = write_report(tmp_path, n_boot=N_BOOT)
     pooled_line = next(line for line in comparison_lines(headline(paths.results, "loso")) if "pooled" in line)
     assert pooled_line.startswith("fedprox(mu=0.01) − pooled: +")
-    assert "upper reference: above it points to under-training or small test sets" in pooled_line
+    assert "upper reference: above it, read the report's caution" in pooled_line

@@ -293,6 +293,49 @@ def test_baselines_present_their_best_round_by_validation_loss(small_cohort: Pat
     assert f"round {best} of {config.rounds}" in trained.note
 
 
+def test_site_batches_hold_one_site_each_and_every_bag_once_per_pass() -> None:
+    from fedpath.client.training import SiteBatches
+    from fedpath.common.bags import Bag
+
+    sites = ["a"] * 11 + ["b"] * 3 + ["c"] * 6
+    bags = [Bag(f"p{i}", (), 0, f"p{i}", site) for i, site in enumerate(sites)]
+    sampler = SiteBatches(bags, batch_size=4, seed=1)
+    passes = [list(sampler), list(sampler)]
+    for batches in passes:
+        assert len(batches) == len(sampler) == 3 + 1 + 2
+        assert all(len({sites[i] for i in batch}) == 1 for batch in batches)
+        assert sorted(i for batch in batches for i in batch) == list(range(len(bags)))
+    assert passes[0] != passes[1]  # reshuffled every pass
+
+
+@pytest.mark.parametrize("protocol, by_site", [("loso", True), ("internal", False)])
+def test_pooled_takes_each_batch_from_one_site_under_loso(
+    small_cohort: Path, monkeypatch: pytest.MonkeyPatch, protocol: str, by_site: bool
+) -> None:
+    """LOSO tests a site nobody trained on: pooled then trains on batches of one site each, as a federation's
+    sites do; internal tests the training sites' own patients and keeps mixed batches. Local models have one
+    site and are left as they are; `pooled_batches` overrides the rule."""
+    import fedpath.client.training as training
+
+    seen: list[bool] = []
+    real = training.train_epochs
+
+    def spy(model: object, bags: object, config: training.TrainConfig, **kw: object) -> object:
+        seen.append(config.site_batches)
+        return real(model, bags, config, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(training, "train_epochs", spy)
+    manifest = load_manifest(small_cohort)
+    config = CompareConfig(methods=("pooled",), protocols=(protocol,), seeds=1, rounds=1)
+    job = next(j for j in plan(manifest, config) if j.family == "pooled")
+    compare.train_baseline(manifest, job, config)
+    compare.train_baseline(manifest, job, config.model_copy(update={"pooled_batches": "mixed"}))
+    compare.train_baseline(manifest, job, config.model_copy(update={"pooled_batches": "by-site"}))
+    assert seen == [by_site, False, True]
+    with pytest.raises(ValueError, match="mixed, by-site"):
+        CompareConfig(pooled_batches="sites")
+
+
 # --- what each cell records for the report's rules ----------------------------------------------------------
 
 
