@@ -64,7 +64,7 @@ from fedpath.client.site import (
     load_site,
     resolve_site,
 )
-from fedpath.client.training import TrainConfig, predict, summarize, train_epochs
+from fedpath.client.training import TrainConfig, local_config, predict, summarize, train_epochs
 from fedpath.common.features import FeatureFileError
 from fedpath.common.manifest import ManifestError
 from fedpath.common.mil import create_mil
@@ -168,17 +168,11 @@ def _site_and_model(msg: Message, context: Context) -> tuple[RunConfig, SiteData
 
 def local_train_config(run: RunConfig, site: str, server_round: int, proximal_mu: float) -> TrainConfig:
     """This site's training settings for one round (seeded by run seed, round and site)."""
-    # Under DP, SGD with momentum: Adam divides by the running gradient scale, which DP noise dominates.
-    return TrainConfig(
-        epochs=run.local_epochs,
-        steps=run.local_steps or None,
-        lr=run.dp_lr if run.private else run.lr,
-        optimizer="sgd" if run.private else "adamw",
-        weight_decay=run.weight_decay,
-        batch_size=run.batch_size,
-        max_tiles=run.max_tiles or None,
+    return local_config(
+        run,
         seed=round_seed(run.seed, server_round, site),
         proximal_mu=proximal_mu,
+        private_lr=run.dp_lr if run.private else None,
     )
 
 

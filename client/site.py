@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedpath.common.bags import Bag, bags_from_manifest
-from fedpath.common.features import inspect_features
+from fedpath.common.bags import Bag, bags_from_manifest, feature_dim
+from fedpath.common.features import FeatureFileError
 from fedpath.common.manifest import Manifest, load_manifest, split_patients
 from fedpath.common.runconfig import RunConfig
 
@@ -126,10 +126,10 @@ def _load_site(manifest_path: Path, site: str, val: float, test: float, seed: in
 
 
 def _feature_dim(manifest: Manifest) -> int:
-    first = manifest.slides[0].features
-    if first is None:
-        raise SiteConfigError(f"{manifest.path}: slide '{manifest.slides[0].slide_id}' has no features path")
-    return inspect_features(first).dim
+    try:
+        return feature_dim(manifest)
+    except FeatureFileError as err:
+        raise SiteConfigError(str(err)) from err
 
 
 def check_compatible(site: SiteData, run: RunConfig) -> None:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from fedpath.common.bags import Bag, BagBatch, BagDataset, collate_bags
 from fedpath.common.features import inspect_features
 from fedpath.common.metrics import auroc, balanced_accuracy, expected_calibration_error
+from fedpath.common.settings import TrainingSettings
 
 if TYPE_CHECKING:  # Opacus is imported only when a site trains with DP (it takes seconds to import)
     from fedpath.client.privacy import PrivatePlan
@@ -51,6 +52,36 @@ class TrainConfig(BaseModel):
     )
     site_batches: bool = Field(
         False, description="every batch from one site (training pooled across sites; see SiteBatches)"
+    )
+
+
+def local_config(
+    settings: TrainingSettings,
+    *,
+    seed: int,
+    rounds: int = 1,
+    sites: int = 1,
+    proximal_mu: float = 0.0,
+    private_lr: float | None = None,
+    site_batches: bool = False,
+) -> TrainConfig:
+    """The one way from the shared training settings to a training call's settings: `rounds` rounds of
+    ``local_steps`` steps at each of `sites` sites (a site in one round: 1 × 1; pooled over K sites for a
+    whole run: rounds × K), or ``rounds × local_epochs`` epochs when ``local_steps`` is 0.
+
+    `private_lr`: the run trains with DP-SGD at that learning rate, with SGD and momentum (Adam divides by the
+    running gradient scale, which DP noise dominates)."""
+    return TrainConfig(
+        epochs=rounds * settings.local_epochs,
+        steps=rounds * sites * settings.local_steps or None,
+        lr=private_lr if private_lr is not None else settings.lr,
+        optimizer="sgd" if private_lr is not None else "adamw",
+        weight_decay=settings.weight_decay,
+        batch_size=settings.batch_size,
+        max_tiles=settings.max_tiles or None,
+        seed=seed,
+        proximal_mu=proximal_mu,
+        site_batches=site_batches,
     )
 
 

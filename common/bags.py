@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fedpath.common.features import FeatureFileError, read_feature_matrix
+from fedpath.common.features import FeatureFileError, inspect_features, read_feature_matrix
 from fedpath.common.manifest import Manifest
 
 
@@ -29,6 +29,18 @@ class Bag:
     label: int
     patient_id: str
     site: str
+
+
+def feature_dim(manifest: Manifest) -> int:
+    """The tile feature dimension of a cohort, from its first slide's feature file (the one place it is read
+    for a model's shape; `fedpath manifest check --deep` and a site's preflight check that all slides agree)."""
+    first = manifest.slides[0]
+    if first.features is None:
+        raise FeatureFileError(
+            f"{manifest.path}: line {first.line}, slide '{first.slide_id}' has no features path; "
+            "run `fedpath extract` first or fill the 'features' column"
+        )
+    return inspect_features(first.features).dim
 
 
 def bags_from_manifest(manifest: Manifest, *, by: Literal["patient", "slide"] = "patient") -> list[Bag]:

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -51,6 +50,12 @@ def create_mil(name: str, *, in_dim: int, num_classes: int, **kwargs: Any) -> nn
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     return _REGISTRY[name](in_dim=in_dim, num_classes=num_classes, **kwargs)
+
+
+def initial_model(name: str, *, in_dim: int, num_classes: int, seed: int) -> nn.Module:
+    """The round-0 model of a run or a baseline with training seed `seed`: every method starts from it."""
+    torch.manual_seed(seed)
+    return create_mil(name, in_dim=in_dim, num_classes=num_classes)
 
 
 class FeatureStandardizer(nn.Module):
@@ -184,12 +189,3 @@ class TransformerMIL(nn.Module):
         cls_attention = attn[:, :, 0, 1:].mean(dim=1)  # (B, T): class token → tiles
         tile_attention = cls_attention / cls_attention.sum(dim=1, keepdim=True).clamp_min(1e-12)
         return MILOutput(self.classifier(self.norm(tokens[:, 0])), tile_attention)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def predict_proba(logits: torch.Tensor) -> torch.Tensor:
-    """Class probabilities (B, C) from logits."""
-    return F.softmax(logits, dim=-1)

@@ -16,7 +16,9 @@ import zlib
 from collections.abc import Mapping
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
+
+from fedpath.common.settings import TrainingSettings
 
 # Keys in a reply's MetricRecord. The strategy weights updates and metrics by WEIGHT_KEY.
 WEIGHT_KEY = "patients"
@@ -52,13 +54,14 @@ class RunConfigError(ValueError):
     """A run config that cannot be used; the message names the key and what to do."""
 
 
-class RunConfig(BaseModel):
-    """Settings of one federated run. Field names use underscores; in Flower's run config, hyphens."""
+class RunConfig(TrainingSettings):
+    """Settings of one federated run: the shared training settings (`TrainingSettings`: model, local work,
+    optimiser, split, DP-SGD) and the run's own. Field names use underscores; in Flower's run config, hyphens."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # federation (coordinator)
-    num_server_rounds: int = Field(3, ge=1, description="total federated rounds of the run")
+    num_server_rounds: int = Field(10, ge=1, description="federated rounds, resumed ones included")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx μ (0 = FedAvg)")
     fraction_train: float = Field(1.0, gt=0, le=1, description="share of connected sites asked to train")
     fraction_evaluate: float = Field(1.0, ge=0, le=1, description="share of sites asked to evaluate")
@@ -66,40 +69,17 @@ class RunConfig(BaseModel):
     round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for the replies of one round")
     run_dir: str = Field("", description="absolute folder for checkpoints, round log, model, model card")
     resume: bool = Field(False, description="continue from the last checkpoint in run_dir")
-    # model (both sides must agree)
-    model: str = Field("abmil", description="MIL aggregator name (fedpath.common.mil)")
+    # model shape (both sides must agree)
     in_dim: int = Field(0, ge=0, description="tile feature dimension D (0 = not set)")
     num_classes: int = Field(2, ge=2)
-    # local training (site)
-    local_epochs: int = Field(1, ge=1, description="local epochs per round (when local-steps is 0)")
-    local_steps: int = Field(
-        5, ge=0, description="optimizer steps per round at every site, whatever its size (0 = local-epochs)"
-    )
-    standardize: bool = Field(
-        True,
-        description="before round 1, set the model's feature mean and SD from the sites' aggregate tile "
-        "statistics (not under per-patient DP, whose accounting does not cover them)",
-    )
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    batch_size: int = Field(8, ge=1, description="bags per optimisation step")
-    max_tiles: int = Field(512, ge=0, description="random tiles per bag in training (0 = all)")
     seed: int = Field(0, description="seed of the initial weights and of every site's local training")
-    # patient split (site), as fedpath.common.manifest.split_patients
-    val_fraction: float = Field(0.15, ge=0, lt=1)
-    test_fraction: float = Field(0.25, ge=0, lt=1)
-    split_seed: int = 0
     # per-patient differential privacy at every site (DP-SGD with Opacus); off while dp-noise and dp-epsilon
     # are both 0. A site's node config may set its own 'privacy-budget', 'privacy-ledger' and policy.
     dp_noise: float = Field(
         0.0, ge=0, description="DP-SGD noise multiplier σ (0 = off, or set by dp-epsilon)"
     )
     dp_epsilon: float = Field(0.0, ge=0, description="target ε per site over the run; σ calibrated (0 = off)")
-    dp_clip: float = Field(1.0, gt=0, description="per-patient gradient clipping norm C")
     dp_lr: float = Field(0.05, gt=0, description="learning rate under DP (SGD with momentum 0.9)")
-    dp_delta: float = Field(0.0, ge=0, lt=1, description="δ (0 = min(1e-5, 1/(100·patients at the site)))")
-    dp_batch: int = Field(0, ge=0, description="expected patients per DP-SGD step (0 = batch-size)")
-    dp_budget: float = Field(0.0, ge=0, description="lifetime ε budget per site (0 = dp-epsilon, else 8)")
     # client-level (central) DP at the coordinator: Flower's server-side fixed-clipping wrapper
     central_dp_noise: float = Field(0.0, ge=0, description="client-level DP noise multiplier (0 = off)")
     central_dp_clip: float = Field(10.0, gt=0, description="client-level DP clipping norm of an update")

@@ -23,16 +23,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedpath.common.accounting import CENTRAL_DELTA, DEFAULT_BUDGET_EPSILON, DEFAULT_DELTA_RULE, epsilon_of
-from fedpath.common.mil import create_mil
+from fedpath.common.mil import initial_model
 from fedpath.common.runconfig import UNIT_WEIGHT_KEY, WEIGHT_KEY, RunConfig, RunConfigError, round_seed
 from fedpath.common.selection import SELECTION_RULE, Selection, best_round
 from fedpath.common.version import fedpath_version
 from fedpath.server.runfolder import (
     Checkpoint,
     RunFolder,
-    RunFolderError,
     load_checkpoint,
-    resume_conflicts,
 )
 from fedpath.server.standardization import read_standardization, standardize_initial
 from fedpath.server.strategy import GuardedCentralDP, GuardedFedProx
@@ -61,36 +59,17 @@ def run_folder(run: RunConfig) -> RunFolder:
 
 def initial_weights(run: RunConfig) -> dict[str, torch.Tensor]:
     """The round-0 global model, seeded by the run seed."""
-    torch.manual_seed(run.seed)
-    model = create_mil(run.model, in_dim=run.in_dim, num_classes=run.num_classes)
+    model = initial_model(run.model, in_dim=run.in_dim, num_classes=run.num_classes, seed=run.seed)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def plan_start(run: RunConfig, folder: RunFolder) -> Start:
     """Fresh start, or the last checkpoint when resuming (its settings must match this run's)."""
-    latest = folder.latest_checkpoint()
-    if not run.resume:
-        if latest is not None:
-            raise RunFolderError(
-                f"{folder.root} already holds checkpoints up to round {latest.round}: resume the run "
-                "(--resume / run config resume=true) or choose another run folder"
-            )
-        return Start(initial_weights(run), 0)
+    latest = folder.resumable(run.model_dump(), resume=run.resume, rounds=run.num_server_rounds)
     if latest is None:
-        log(INFO, "resume: no checkpoint in %s; starting from round 1", folder.root)
+        if run.resume:
+            log(INFO, "resume: no checkpoint in %s; starting from round 1", folder.root)
         return Start(initial_weights(run), 0)
-    conflicts = resume_conflicts(latest.config, run.model_dump())
-    if conflicts:
-        raise RunFolderError(
-            f"cannot resume {folder.root}: these settings differ from the checkpointed run: "
-            + "; ".join(conflicts)
-            + ". Resume with the original settings or start a new run folder"
-        )
-    if latest.round > run.num_server_rounds:
-        raise RunFolderError(
-            f"{folder.root} has a checkpoint after round {latest.round}, beyond num-server-rounds="
-            f"{run.num_server_rounds}; raise the number of rounds"
-        )
     folder.truncate_rounds(latest.round)
     log(INFO, "resume: round %d checkpoint of %s; %d round(s) to go", latest.round, folder.root,
         run.num_server_rounds - latest.round)  # fmt: skip

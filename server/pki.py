@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,20 +196,3 @@ def make_site_key(site: str) -> SiteKeyPair:
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return SiteKeyPair(site, private, public + f" fedpath-site-{site}\n".encode())
-
-
-def load_ca(key_file: Path, cert_file: Path) -> CertificateAuthority:
-    """Read a CA written by `make_ca` (e.g. to issue a new coordinator certificate)."""
-    try:
-        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
-        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
-    except (OSError, ValueError) as err:
-        raise PKIError(f"cannot read the CA from {key_file} and {cert_file}: {err}") from err
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise PKIError(f"{key_file} is not an EC private key")
-    return CertificateAuthority(key, cert)
-
-
-def is_private_to_owner(path: str | os.PathLike[str]) -> bool:
-    """True when no other account (group or others) may read or write the file."""
-    return Path(path).stat().st_mode & 0o077 == 0

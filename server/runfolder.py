@@ -105,6 +105,32 @@ class RunFolder:
         rounds = self.checkpoint_rounds()
         return load_checkpoint(self.checkpoint_path(rounds[-1])) if rounds else None
 
+    def resumable(self, config: dict[str, Any], *, resume: bool, rounds: int) -> Checkpoint | None:
+        """The one resume rule: the checkpoint a run with run config `config` continues from (None: start
+        fresh). A folder with checkpoints is not started over without `resume`; a resumed run keeps the
+        settings that shape what it computes (`resume_conflicts`) and does not end before its checkpoint."""
+        latest = self.latest_checkpoint()
+        if latest is None:
+            return None
+        if not resume:
+            raise RunFolderError(
+                f"{self.root} already holds a run (checkpoints up to round {latest.round}): resume it "
+                "(--resume / run config resume=true) or choose another run folder"
+            )
+        conflicts = resume_conflicts(latest.config, config)
+        if conflicts:
+            raise RunFolderError(
+                f"cannot resume {self.root}: these settings differ from the checkpointed run: "
+                + "; ".join(conflicts)
+                + ". Resume with the original settings or start a new run folder"
+            )
+        if latest.round > rounds:
+            raise RunFolderError(
+                f"{self.root} has a checkpoint after round {latest.round}, beyond {rounds} rounds; "
+                "raise the number of rounds"
+            )
+        return latest
+
     # ------------------------------------------------------------------------------------ round log
     def append_round(self, record: dict[str, Any]) -> None:
         """Add one round's line (the whole log is rewritten atomically; it is small)."""

@@ -131,42 +131,27 @@ def _run_server(args: argparse.Namespace) -> int:
     return supervise([link, fleet], say=lambda line: print(f"coordinator: {line}", flush=True))
 
 
+# The shared training settings (fedpath.common.settings) that `fedpath run` and `simulate` expose; their
+# type, default and help come from the field.
+SHARED_OPTIONS = ("local_epochs", "local_steps", "standardize", "lr", "batch_size", "max_tiles", "model")
+SHARED_DP_OPTIONS = ("dp_clip", "dp_delta", "dp_batch", "dp_budget")
+RUN_OPTION_NAMES = {"num_server_rounds": "rounds", "proximal_mu": "mu"}
+# the other RunConfig fields that these commands set from an option of the same name
+RUN_OPTIONS = ("num_server_rounds", "proximal_mu", "fraction_train", "split_seed", "dp_noise", "dp_epsilon",
+               "dp_lr", "central_dp_noise", "central_dp_clip")  # fmt: skip
+
+
 def add_training_options(p: argparse.ArgumentParser) -> None:
-    """Federation and local-training options (`fedpath run`, `fedpath simulate`, `fedpath demo`)."""
+    """Federation and local-training options (`fedpath run`, `fedpath simulate`): type, default and help from
+    the fields of RunConfig and of the shared TrainingSettings."""
+    from fedpath.common.options import add_model_options
+    from fedpath.common.runconfig import RunConfig
+    from fedpath.common.settings import TrainingSettings
+
     g = p.add_argument_group("federation")
-    g.add_argument(
-        "--rounds",
-        metavar="R",
-        type=int,
-        default=5,
-        help="federated rounds, resumed ones included",
-    )
-    g.add_argument(
-        "--mu", metavar="MU", type=float, default=0.01, help="FedProx proximal weight μ (0 = FedAvg)"
-    )
-    g.add_argument(
-        "--local-epochs", metavar="E", type=int, default=1, help="local epochs per round at each site"
-    )
-    g.add_argument(
-        "--local-steps",
-        metavar="S",
-        type=int,
-        default=5,
-        help="optimizer steps per round per site (0: epochs)",
-    )
-    g.add_argument(
-        "--no-standardize",
-        dest="standardize",
-        action="store_false",
-        default=argparse.SUPPRESS,  # standardised unless given (and no "(default: True)" in the help)
-        help="features as they are, not by the sites' pooled mean/SD",
-    )
-    g.add_argument("--lr", metavar="LR", type=float, default=1e-3, help="AdamW learning rate")
-    g.add_argument("--batch-size", metavar="N", type=int, default=8, help="bags per optimisation step")
-    g.add_argument(
-        "--max-tiles", metavar="N", type=int, default=512, help="tiles per bag in training (0 = all)"
-    )
-    g.add_argument("--model", metavar="NAME", default="abmil", help="MIL aggregator (abmil, transformer)")
+    add_model_options(g, RunConfig, ("num_server_rounds", "proximal_mu"), names=RUN_OPTION_NAMES,
+                      metavars={"num_server_rounds": "R", "proximal_mu": "MU"})  # fmt: skip
+    add_model_options(g, TrainingSettings, SHARED_OPTIONS)
     g.add_argument(
         "--min-sites",
         metavar="N",
@@ -174,19 +159,12 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="sites needed per round (default: all but one)",
     )
-    g.add_argument(
-        "--fraction-train",
-        metavar="F",
-        type=float,
-        default=1.0,
-        help="share of sites asked to train per round",
-    )
+    add_model_options(g, RunConfig, ("fraction_train",), helps={"fraction_train": "share of sites asked to "
+                      "train per round"})  # fmt: skip
     g.add_argument(
         "--train-seed", metavar="S", type=int, default=0, help="seed of initial weights and local training"
     )
-    g.add_argument(
-        "--split-seed", metavar="S", type=int, default=0, help="seed of the per-site patient split"
-    )
+    add_model_options(g, TrainingSettings, ("split_seed",))
     dp = p.add_argument_group("per-patient differential privacy at each site (DP-SGD, Opacus)")
     noise = dp.add_mutually_exclusive_group()
     noise.add_argument("--dp-noise", type=float, default=0.0, metavar="Z", help="noise multiplier σ")
@@ -197,35 +175,12 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
         metavar="E",
         help="target ε per site over the run (σ calibrated)",
     )
-    dp.add_argument(
-        "--dp-clip", type=float, default=1.0, metavar="C", help="per-patient gradient clipping norm"
-    )
-    dp.add_argument("--dp-lr", type=float, default=0.05, metavar="LR", help="lr under DP (SGD, momentum 0.9)")
-    dp.add_argument(
-        "--dp-delta", type=float, default=0.0, metavar="D", help="δ (default min(1e-5, 1/(100·patients)))"
-    )
-    dp.add_argument(
-        "--dp-batch",
-        type=int,
-        default=0,
-        metavar="N",
-        help="expected patients per step (default --batch-size)",
-    )
-    dp.add_argument(
-        "--dp-budget",
-        type=float,
-        default=0.0,
-        metavar="E",
-        help="lifetime ε per site (default --dp-epsilon, else 8)",
-    )
-    dp.add_argument(
-        "--central-dp-noise",
-        type=float,
-        default=0.0,
-        metavar="Z",
-        help="client-level DP noise at the coordinator (see README)",
-    )
-    dp.add_argument("--central-dp-clip", type=float, default=10.0, metavar="C", help="update clipping norm")
+    add_model_options(dp, RunConfig, ("dp_lr",), helps={"dp_lr": "lr under DP (SGD, momentum 0.9)"})
+    add_model_options(dp, TrainingSettings, SHARED_DP_OPTIONS)
+    add_model_options(dp, RunConfig, ("central_dp_noise", "central_dp_clip"), helps={
+        "central_dp_noise": "client-level DP noise at the coordinator (see README)",
+        "central_dp_clip": "update clipping norm",
+    })  # fmt: skip
 
 
 def run_settings(args: argparse.Namespace, sites: int) -> dict[str, object]:
@@ -234,52 +189,22 @@ def run_settings(args: argparse.Namespace, sites: int) -> dict[str, object]:
     if not 1 <= min_sites <= sites:
         raise UserError(f"--min-sites {min_sites} must be between 1 and the {sites} sites of the federation")
     return {
-        "num_server_rounds": args.rounds,
-        "proximal_mu": args.mu,
-        "local_epochs": args.local_epochs,
-        "local_steps": args.local_steps,
-        "standardize": getattr(args, "standardize", True),
-        "lr": args.lr,
-        "batch_size": args.batch_size,
-        "max_tiles": args.max_tiles,
-        "model": args.model,
+        **{field: getattr(args, field) for field in (*RUN_OPTIONS, *SHARED_OPTIONS, *SHARED_DP_OPTIONS)},
         "min_sites": min_sites,
-        "fraction_train": args.fraction_train,
         "seed": args.train_seed,
-        "split_seed": args.split_seed,
-        "dp_noise": args.dp_noise,
-        "dp_epsilon": args.dp_epsilon,
-        "dp_clip": args.dp_clip,
-        "dp_lr": args.dp_lr,
-        "dp_delta": args.dp_delta,
-        "dp_batch": args.dp_batch,
-        "dp_budget": args.dp_budget,
-        "central_dp_noise": args.central_dp_noise,
-        "central_dp_clip": args.central_dp_clip,
     }
 
 
 def check_run_folder(folder: object, run: object) -> None:
     """Refuse to overwrite a run, or to resume one with other settings, before anything starts."""
     from fedpath.common.runconfig import RunConfig
-    from fedpath.server.runfolder import RunFolder, resume_conflicts
+    from fedpath.server.runfolder import RunFolder, RunFolderError
 
     assert isinstance(folder, RunFolder) and isinstance(run, RunConfig)
-    rounds = folder.checkpoint_rounds()
-    if rounds and not run.resume:
-        raise UserError(
-            f"{folder.root} already holds a run (checkpoints up to round {rounds[-1]}); "
-            "add --resume or use another --out"
-        )
-    latest = folder.latest_checkpoint() if rounds and run.resume else None
-    if latest is not None:
-        conflicts = resume_conflicts(latest.config, run.model_dump())
-        if conflicts:
-            raise UserError(
-                f"--resume with other settings than the run in {folder.root}: {'; '.join(conflicts)}"
-            )
-        if latest.round > run.num_server_rounds:
-            raise UserError(f"{folder.root} is past round {latest.round}; --rounds must be at least that")
+    try:
+        folder.resumable(run.model_dump(), resume=run.resume, rounds=run.num_server_rounds)
+    except RunFolderError as err:
+        raise UserError(str(err)) from err
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:

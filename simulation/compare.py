@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from fedpath.common.atomic import write_text_atomic
 from fedpath.common.manifest import (
@@ -69,6 +69,7 @@ from fedpath.common.manifest import (
     write_manifest,
 )
 from fedpath.common.selection import SELECTION_RULE
+from fedpath.common.settings import TrainingSettings
 from fedpath.simulation.headline import (
     BEST_HOSPITAL,
     MEAN_OF_HOSPITALS,
@@ -113,35 +114,16 @@ TEST_PATIENTS = {
     "cv": "the fold's patients at every site (folds of the cohort's patients, stratified by label)",
 }
 # Settings that change what a cell computes: a run folder's cells must all share them.
-TRAINING_KEYS = (
-    "folds",
-    "rounds",
-    "local_epochs",
-    "local_steps",
-    "standardize",
-    "lr",
-    "weight_decay",
-    "batch_size",
-    "max_tiles",
-    "model",
-    "pooled_batches",
-    "val_fraction",
-    "test_fraction",
-    "train_seed",
-    "split_seed",
-    "dp_clip",
-    "dp_delta",
-    "dp_batch",
-    "dp_budget",
-)
+TRAINING_KEYS = ("folds", "rounds", "pooled_batches", "train_seed", *TrainingSettings.model_fields)
 
 
 class CompareError(RuntimeError):
     """A comparison that cannot run as asked; the message says what to do."""
 
 
-class CompareConfig(BaseModel):
-    """The grid (protocols × methods × seeds, μ and ε values) and the training settings all methods share."""
+class CompareConfig(TrainingSettings):
+    """The grid (protocols × methods × seeds, μ and ε values), the rounds and the shared training settings
+    (`TrainingSettings`), which every method gets alike."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -155,28 +137,8 @@ class CompareConfig(BaseModel):
         None, ge=0, description="FedProx μ of fedprox-dp (default: first of the μ grid)"
     )
     rounds: int = Field(10, ge=1, description="federated rounds")
-    local_epochs: int = Field(1, ge=1, description="epochs a round when local_steps is 0")
-    local_steps: int = Field(5, ge=0, description="optimizer steps a round at every site (0: epochs)")
-    standardize: bool = Field(True, description="standardise features (the training sites' mean and SD)")
-    lr: float = Field(3e-3, gt=0, description="AdamW learning rate")
-    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
-    batch_size: int = Field(8, ge=1, description="bags (patients) per optimisation step")
-    max_tiles: int = Field(512, ge=0, description="random tiles per training bag, 0 = all")
-    model: str = Field("abmil", description="MIL aggregator")
     pooled_batches: str = Field("auto", description="pooled: auto|mixed|by-site (auto: by-site under loso)")
-    val_fraction: float = Field(0.15, ge=0, lt=1, description="validation share of each training site")
-    test_fraction: float = Field(
-        0.25,
-        gt=0,
-        lt=1,
-        description="internal protocol: test share of each site (LOSO tests the held-out site)",
-    )
     train_seed: int = Field(0, description="training seed of seed 0 (seed i: train_seed + i)")
-    split_seed: int = Field(0, description="split seed (internal and cv, seed i: split_seed + i)")
-    dp_clip: float = Field(1.0, gt=0, description="per-patient gradient clipping norm")
-    dp_delta: float = Field(0.0, ge=0, lt=1, description="δ (0 = min(1e-5, 1/(100·patients at the site)))")
-    dp_batch: int = Field(0, ge=0, description="expected patients per DP-SGD step (0 = batch_size)")
-    dp_budget: float = Field(0.0, ge=0, description="lifetime ε budget per site (0 = the run's ε)")
     cpus_per_site: int = Field(1, ge=1, description="CPU cores per simulated site")
 
     def test_fraction_of(self, protocol: str) -> float:
@@ -215,6 +177,8 @@ class CompareConfig(BaseModel):
 
     @model_validator(mode="after")
     def _grids_given(self) -> CompareConfig:
+        if "internal" in self.protocols and not self.test_fraction:
+            raise ValueError("the internal protocol needs a test share of each site (--test-fraction > 0)")
         if "fedprox" in self.methods and not self.mu:
             raise ValueError("fedprox needs at least one μ (--mu)")
         if "fedprox-dp" in self.methods and not self.dp_epsilons:
@@ -488,12 +452,10 @@ def train_baseline(manifest: Manifest, job: Job, config: CompareConfig) -> Train
     A round: ``local_epochs`` epochs; with ``local_steps``, that many optimizer steps per training site (a
     local model: ``local_steps``; pooled over K sites: K × ``local_steps``, the steps the federation's sites
     take together in a round)."""
-    import torch
 
-    from fedpath.client.training import TrainConfig, predict, train_epochs
-    from fedpath.common.bags import bags_from_manifest
-    from fedpath.common.features import inspect_features
-    from fedpath.common.mil import create_mil
+    from fedpath.client.training import local_config, predict, train_epochs
+    from fedpath.common.bags import bags_from_manifest, feature_dim
+    from fedpath.common.mil import initial_model
     from fedpath.common.selection import best_round
     from fedpath.common.standardize import moments_of, set_standardization
 
@@ -501,21 +463,17 @@ def train_baseline(manifest: Manifest, job: Job, config: CompareConfig) -> Train
     if not bags:
         raise CompareError(f"{job.describe()}: no training patients")
     val = bags_from_manifest(manifest.for_patients(job.val_patients)) if job.val_patients else []
-    first = manifest.slides[0].features
-    assert first is not None
-    torch.manual_seed(job.seed)  # as the coordinator's initial weights (server/federation.initial_weights)
-    model = create_mil(config.model, in_dim=inspect_features(first).dim, num_classes=manifest.num_classes)
+    model = initial_model(
+        config.model, in_dim=feature_dim(manifest), num_classes=manifest.num_classes, seed=job.seed
+    )
     if config.standardize:
         set_standardization(model, moments_of(bags))
     round_steps = config.local_steps * len(job.train_sites)
-    train_config = TrainConfig(
-        epochs=config.rounds * config.local_epochs,
-        steps=config.rounds * round_steps or None,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        batch_size=config.batch_size,
-        max_tiles=config.max_tiles or None,
+    train_config = local_config(
+        config,
         seed=job.seed,
+        rounds=config.rounds,
+        sites=len(job.train_sites),
         site_batches=job.family == "pooled" and config.site_batches(job.protocol),
     )
     losses: list[tuple[int, float | None]] = []
@@ -567,7 +525,7 @@ def train_federation(
     An interrupted federation resumes from its last checkpoint; a finished one is
     not run again.
     """
-    from fedpath.server.runfolder import RunFolder, load_model, resume_conflicts
+    from fedpath.server.runfolder import RunFolder, RunFolderError, load_model
     from fedpath.simulation.simulate import SimulationError, federation_config, simulate
 
     manifest_path = federation_manifest(manifest, job, folder)
@@ -575,35 +533,23 @@ def train_federation(
     run = federation_config(
         manifest_path,
         run_dir=run_dir,
-        resume=True,  # a run cut off in an earlier invocation continues from its last checkpoint
-        num_server_rounds=config.rounds,
-        proximal_mu=job.mu,
-        min_sites=len(job.train_sites),
-        local_epochs=config.local_epochs,
-        local_steps=config.local_steps,
-        standardize=config.standardize,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        batch_size=config.batch_size,
-        max_tiles=config.max_tiles,
-        model=config.model,
-        seed=job.seed,
-        val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction_of(job.protocol),
-        split_seed=job.split_seed,
-        dp_epsilon=job.epsilon or 0.0,
-        dp_clip=config.dp_clip,
-        dp_delta=config.dp_delta,
-        dp_batch=config.dp_batch,
-        dp_budget=config.dp_budget,
+        **{
+            **config.training_settings(),
+            "resume": True,  # a run cut off in an earlier invocation continues from its last checkpoint
+            "num_server_rounds": config.rounds,
+            "proximal_mu": job.mu,
+            "min_sites": len(job.train_sites),
+            "seed": job.seed,
+            "test_fraction": config.test_fraction_of(job.protocol),
+            "split_seed": job.split_seed,
+            "dp_epsilon": job.epsilon or 0.0,
+        },
     )
     runs = RunFolder(run_dir)
-    latest = runs.latest_checkpoint()
-    if latest is not None and resume_conflicts(latest.config, run.model_dump()):
-        raise CompareError(
-            f"{run_dir} holds a federation with other settings "
-            f"({'; '.join(resume_conflicts(latest.config, run.model_dump()))}); delete {folder} to rerun it"
-        )
+    try:
+        runs.resumable(run.model_dump(), resume=True, rounds=config.rounds)
+    except RunFolderError as err:
+        raise CompareError(f"{job.describe()}: {err}; or delete {folder} to rerun it") from err
     last = runs.checkpoint_rounds()
     finished = runs.model.exists() and bool(last) and last[-1] == config.rounds
     if not finished:

@@ -53,14 +53,15 @@ def add_grid_options(
     methods, seeds, folds, μ and ε), the training settings every method shares, and the simulation's CPUs.
     Unless the command set its own, the usage line says ``[options]``: listing them all would fill a screen.
     `defaults`: other defaults than CompareConfig's (a benchmark's settings)."""
+    from fedpath.common.options import add_model_options
     from fedpath.simulation.compare import METHODS, PROTOCOLS, CompareConfig
-    from fedpath.simulation.options import add_model_options
 
     fields = list(CompareConfig.model_fields)
     groups = {
         "grid": [f for f in fields if f in GRID_FIELDS],
         "training (the same for every method)": [
-            f for f in fields if f not in GRID_FIELDS and f not in RESOURCE_FIELDS
+            "rounds",
+            *(f for f in fields if f not in GRID_FIELDS and f not in RESOURCE_FIELDS and f != "rounds"),
         ],
         "": [f for f in fields if f in RESOURCE_FIELDS],  # among the command's own options
     }
@@ -79,8 +80,8 @@ def add_grid_options(
 
 def compare_config(args: argparse.Namespace, **fixed: Any) -> CompareConfig:
     """The CompareConfig of the parsed options (`fixed` overrides them)."""
+    from fedpath.common.options import build_model, model_values
     from fedpath.simulation.compare import CompareConfig
-    from fedpath.simulation.options import build_model, model_values
 
     return build_model(CompareConfig, {**model_values(args, CompareConfig), **fixed}, names=OPTION_NAMES)
 
@@ -175,8 +176,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_mil_options(g: argparse._ArgumentGroup) -> None:
     """The MUSK cohorts' table and site sizes (their sites: --sites; their dealing seed: --cohort-seed)."""
+    from fedpath.common.options import add_model_options
     from fedpath.simulation.cohorts import MilCohortConfig
-    from fedpath.simulation.options import add_model_options
 
     g.add_argument("--mil-file", type=Path, metavar="F", help="musk1|musk2: musk1.csv or musk2.tsv.gz")
     add_model_options(g, MilCohortConfig, ["size_skew"])
@@ -184,8 +185,8 @@ def add_mil_options(g: argparse._ArgumentGroup) -> None:
 
 def musk(args: argparse.Namespace, out: Path) -> Cohort:
     """The MUSK cohort named by --cohort, converted from --mil-file into `out` (reused when already there)."""
+    from fedpath.common.options import build_model
     from fedpath.simulation.cohorts import CohortError, MilCohortConfig, mil_cohort
-    from fedpath.simulation.options import build_model
 
     if args.mil_file is None:
         raise UserError(

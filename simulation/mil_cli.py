@@ -9,8 +9,8 @@ from fedpath.common.cli import Command, UserError
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from fedpath.common.options import add_model_options
     from fedpath.simulation.cohorts import MilCohortConfig
-    from fedpath.simulation.options import add_model_options
 
     p.add_argument(
         "table", type=Path, help="the table: musk1.csv (no header) or musk2.tsv.gz (PMLB's clean2)"
@@ -22,8 +22,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from fedpath.common.options import build_model, model_values
     from fedpath.simulation.cohorts import CohortError, MilCohortConfig, mil_cohort
-    from fedpath.simulation.options import build_model, model_values
 
     config = build_model(MilCohortConfig, model_values(args, MilCohortConfig), what="cohort settings")
     try:

@@ -1165,14 +1165,6 @@ def _est(e: Estimate) -> str:
     return f"{e.value:.2f} [{e.low:.2f}, {e.high:.2f}]"
 
 
-def _overlap(a: Estimate, b: Estimate) -> str:
-    if not all(math.isfinite(v) for v in (a.low, a.high, b.low, b.high)):
-        return ""
-    if a.low <= b.high and b.low <= a.high:
-        return " (their 95% intervals overlap, so this run cannot tell the two apart)"
-    return " (the 95% intervals do not overlap)"
-
-
 def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpath.common.features import inspect_features
+from fedpath.common.bags import feature_dim
+from fedpath.common.features import FeatureFileError
 from fedpath.common.manifest import load_manifest
 from fedpath.common.runconfig import RunConfig
 from fedpath.server import flower_runtime as fr
@@ -36,13 +37,12 @@ class SimulationResult:
 def federation_config(manifest: str | Path, *, run_dir: Path, **settings: Any) -> RunConfig:
     """The run config of a simulated federation over the sites of `manifest` (model shape read from it)."""
     m = load_manifest(manifest)
-    first = m.slides[0].features
-    if first is None:
-        raise SimulationError(
-            f"{manifest}: slide '{m.slides[0].slide_id}' has no features path; extract first"
-        )
+    try:
+        in_dim = feature_dim(m)
+    except FeatureFileError as err:
+        raise SimulationError(str(err)) from err
     return RunConfig(
-        in_dim=inspect_features(first).dim,
+        in_dim=in_dim,
         num_classes=m.num_classes,
         manifest=str(Path(manifest).resolve()),
         run_dir=str(run_dir.resolve()),

@@ -144,3 +144,28 @@ def test_demo_prints_a_table_per_site(tmp_path: Path) -> None:
     assert f"report: {out / 'report.html'}" in result.stdout
     with (out / "results.csv").open() as f:
         assert len(f.read().splitlines()) == 1 + 3 * 2 + 3  # header, local:X at 2 sites each, pooled at 3
+
+
+@pytest.mark.parametrize("command", ["run", "simulate", "compare", "demo", "mil"])
+def test_training_options_take_their_defaults_from_the_one_settings_model(command: str) -> None:
+    """Every command that exposes a shared training setting parses, given nothing, to that setting's default in
+    `TrainingSettings`, and the run config and the comparison config declare none of them again."""
+    from fedpath.common.options import model_values
+    from fedpath.common.runconfig import RunConfig
+    from fedpath.common.settings import TrainingSettings
+    from fedpath.simulation.compare import CompareConfig
+
+    parser = build_parser(discover_commands())
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    defaults = {a.dest: a.default for a in sub._actions}
+    exposed = {f: defaults[f] for f in TrainingSettings.model_fields if f in defaults}
+    assert {"lr", "local_steps", "model"} <= set(exposed) or command == "mil"
+    shared = TrainingSettings()
+    for field, default in exposed.items():
+        if isinstance(getattr(shared, field), tuple):
+            continue
+        assert default == getattr(shared, field), f"{command} --{field}: {default!r}"
+    assert model_values(argparse.Namespace(**exposed), TrainingSettings) == exposed
+    for config in (RunConfig, CompareConfig):
+        own = {f for f in config.__annotations__ if f in TrainingSettings.model_fields}
+        assert not own, f"{config.__name__} declares {own} again"
