@@ -69,7 +69,7 @@ def main() -> None:
         lr=args.lr,
     )
     outcome = run_comparison(cohort.manifest, out, config, cohort={"notes": list(cohort.notes)})
-    rows = headline(outcome.results, "loso")
+    rows = headline(outcome.analysis or outcome.results, "loso")
     wall = time.perf_counter() - started
     print(f"\n{cohort.notes[0]}\n{format_headline(rows, 'loso')}\n")
     print("\n".join(comparison_lines(rows)))

@@ -135,7 +135,7 @@ def run_and_report(
     except CompareError as err:
         raise UserError(str(err)) from err
     for protocol in config.protocols:
-        rows = headline(outcome.results, protocol)
+        rows = headline(outcome.analysis or outcome.results, protocol)  # the report's own analysis
         if rows:
             label = {"loso": "LEAVE-ONE-SITE-OUT", "internal": "INTERNAL VALIDATION"}.get(
                 protocol, f"CROSS-VALIDATION ({config.folds} folds of patients)"
