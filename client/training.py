@@ -20,9 +20,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fedpath.common.bags import Bag, BagBatch, BagDataset, collate_bags
+from fedpath.common.bags import Bag, BagBatch, BagDataset, bags_from_manifest, collate_bags
 from fedpath.common.features import inspect_features
-from fedpath.common.metrics import auroc, balanced_accuracy, expected_calibration_error
+from fedpath.common.manifest import Manifest
+from fedpath.common.metrics import aggregate_by_patient, auroc, balanced_accuracy, expected_calibration_error
 from fedpath.common.settings import TrainingSettings
 
 if TYPE_CHECKING:  # Opacus is imported only when a site trains with DP (it takes seconds to import)
@@ -304,6 +305,17 @@ def predict(
         probs=p,
         loss=float(sum(losses) / max(len(bags), 1)),
     )
+
+
+def predict_patients(model: nn.Module, manifest: Manifest) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Patient ids, labels (N,) and probabilities (N, C) of `model` on every patient of `manifest`: all tiles
+    of every slide, a patient's slides reduced as in training (`aggregate_by_patient`). Empty: no patients."""
+    bags = bags_from_manifest(manifest)
+    if not bags:
+        return [], np.zeros(0, dtype=int), np.zeros((0, 0))
+    pred = predict(model, bags)
+    patients, labels, probs = aggregate_by_patient(pred.patient_ids, pred.labels, pred.probs)
+    return list(patients), labels, probs
 
 
 def summarize(pred: Predictions) -> dict[str, float]:

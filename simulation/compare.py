@@ -587,12 +587,9 @@ def spent_privacy(ledgers: Sequence[Path]) -> dict[str, Any]:
 
 def score(manifest: Manifest, model: Any, cell: Cell) -> list[PredictionRow]:
     """Patient-level probabilities of `model` on the cell's test patients (all tiles of every slide)."""
-    from fedpath.client.training import predict
-    from fedpath.common.bags import bags_from_manifest
-    from fedpath.common.metrics import aggregate_by_patient
+    from fedpath.client.training import predict_patients
 
-    pred = predict(model, bags_from_manifest(manifest.for_patients(cell.test_patients)))
-    patients, labels, probs = aggregate_by_patient(pred.patient_ids, pred.labels, pred.probs)
+    patients, labels, probs = predict_patients(model, manifest.for_patients(cell.test_patients))
     return [
         PredictionRow(
             cell.protocol,

@@ -117,20 +117,17 @@ class HeldOut:
 
 def held_out_auroc(model: Any, manifest: str | Path, run: RunConfig) -> list[HeldOut]:
     """AUROC of `model` on each site's test patients, with the split every engine uses."""
-    from fedpath.client.training import predict
-    from fedpath.common.bags import bags_from_manifest
+    from fedpath.client.training import predict_patients
     from fedpath.common.manifest import split_patients
-    from fedpath.common.metrics import aggregate_by_patient, auroc
+    from fedpath.common.metrics import auroc
 
     m = load_manifest(manifest)
     splits = split_patients(m, val=run.val_fraction, test=run.test_fraction, seed=run.split_seed)
     rows = []
     for site in m.sites:
-        bags = bags_from_manifest(m.for_patients(splits[site].test))
-        if not bags:
+        _, labels, probs = predict_patients(model, m.for_patients(splits[site].test))
+        if not len(labels):
             rows.append(HeldOut(site, 0, 0, float("nan")))
             continue
-        pred = predict(model, bags)
-        _, labels, probs = aggregate_by_patient(pred.patient_ids, pred.labels, pred.probs)
         rows.append(HeldOut(site, len(labels), int((labels == 1).sum()), auroc(labels, probs)))
     return rows
