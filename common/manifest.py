@@ -146,6 +146,21 @@ def _resolve(base: Path, value: str) -> Path:
     return p if p.is_absolute() else Path(os.path.normpath(base / p))
 
 
+DELIMITERS = (",", "\t", ";", "|")
+
+
+def _delimiter(text: str) -> str:
+    """The delimiter of a manifest: of the common ones (comma, tab, semicolon, bar), the one whose header
+    names the most of the required columns (a spreadsheet's "CSV" in many locales uses ';'); comma on a tie."""
+    first = next(iter(text.splitlines()), "")
+
+    def named(d: str) -> int:
+        cells = next(csv.reader([first], delimiter=d), [])
+        return sum(c.strip() in REQUIRED_COLUMNS for c in cells)
+
+    return max(DELIMITERS, key=lambda d: (named(d), d == ","))
+
+
 def load_manifest(
     path: str | os.PathLike[str],
     *,
@@ -153,7 +168,7 @@ def load_manifest(
     require: str | None = None,
     check_files: bool = True,
 ) -> Manifest:
-    """Load and validate a manifest.
+    """Load and validate a manifest (comma, tab, semicolon or bar separated; UTF-8 with or without a BOM).
 
     classes: the declared label classes in index order; labels outside them are errors. When omitted the
     classes are the labels found, sorted (numerically where all are numbers).
@@ -168,7 +183,7 @@ def load_manifest(
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise ManifestError(p, [Problem(None, None, f"not UTF-8 text ({err})")]) from err
-    reader = csv.DictReader(io.StringIO(text))
+    reader = csv.DictReader(io.StringIO(text), delimiter=_delimiter(text))
     header = [h.strip() for h in (reader.fieldnames or [])]
     reader.fieldnames = header
     problems: list[Problem] = []

@@ -43,6 +43,25 @@ def test_valid_manifest_resolves_paths_against_its_folder(tmp_path: Path, feats:
     assert summary["H2"].label_counts == {"0": 1, "1": 1}
 
 
+@pytest.mark.parametrize("delimiter", [";", "\t", "|"])
+def test_semicolon_tab_and_bar_separated_manifests_read_as_the_comma_one(
+    tmp_path: Path, feats: Path, delimiter: str
+) -> None:
+    """A spreadsheet's export in many locales separates by ';' (with a BOM, and quotes where a value holds the
+    separator): it reads to the same slides as the comma-separated file, and its errors name the same lines."""
+    comma = load_manifest(write_csv(tmp_path / "comma.csv", HEADER, good_rows()))
+    rows = [[f'"{v}"' if i == 2 else v for i, v in enumerate(r)] for r in good_rows()]
+    text = "\ufeff" + "\n".join(delimiter.join(r) for r in [HEADER, *rows]) + "\n"
+    other = tmp_path / "other.csv"
+    other.write_text(text, encoding="utf-8")
+    loaded = load_manifest(other)
+    assert [(s.slide_id, s.patient_id, s.site, s.label, s.features) for s in loaded.slides] == [
+        (s.slide_id, s.patient_id, s.site, s.label, s.features) for s in comma.slides
+    ]
+    other.write_text(text.replace(f"{delimiter}p2{delimiter}", f"{delimiter}{delimiter}"), encoding="utf-8")
+    assert "line 4, column 'patient_id': empty id" in str(error_of(other))
+
+
 def test_missing_column_names_file_and_column(tmp_path: Path, feats: Path) -> None:
     rows = [r[:1] + r[2:] for r in good_rows()]
     path = write_csv(tmp_path / "m.csv", ["slide_id", "site", "label", "features"], rows)
