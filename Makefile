@@ -32,7 +32,7 @@ typecheck: $(STAMP)
 	MYPYPATH=.typecheck $(BIN)/mypy benchmarks
 
 unit: $(STAMP) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12
 
 # The report test renders report.html in headless Chromium (Debian's package): installed here when missing and
 # this account may install packages (root, or sudo without a password); otherwise that test says what to do.
