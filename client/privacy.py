@@ -207,7 +207,9 @@ class PrivacyLedger:
         self._new_delta = delta
         self.delta = delta
         self.entries: list[LedgerEntry] = []
-        self._load()
+        # read under the shared lock: never between a writer's ledger and its anchor (its first above all)
+        with self._lock(fcntl.LOCK_SH):
+            self._load()
 
     @property
     def anchor_path(self) -> Path:
@@ -281,17 +283,34 @@ class PrivacyLedger:
         self.entries = entries
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the ledger's exclusive lock, with the ledger re-read from disk: what is checked and written
-        inside sees every round another run recorded meanwhile."""
+    def _lock(self, kind: int) -> Iterator[None]:
+        """Hold the lock file's flock (`fcntl.LOCK_SH` to read, `LOCK_EX` to write). A reader of a ledger that
+        does not exist, or whose folder this account may not write, reads without it."""
+        if kind == fcntl.LOCK_SH and not self.path.parent.is_dir():
+            yield
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.lock_path.open("a") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            handle = self.lock_path.open("a")
+        except OSError:
+            if kind != fcntl.LOCK_SH:
+                raise
+            yield
+            return
+        with handle:
+            fcntl.flock(handle.fileno(), kind)
             try:
-                self._load()
                 yield
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the ledger's exclusive lock, with the ledger re-read from disk: what is checked and written
+        inside sees every round another run recorded meanwhile."""
+        with self._lock(fcntl.LOCK_EX):
+            self._load()
+            yield
 
     @property
     def void(self) -> bool:

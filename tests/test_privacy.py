@@ -376,3 +376,83 @@ def test_concurrent_runs_lose_no_entry_and_respect_the_budget(tmp_path: Path) ->
         results = list(threads.map(lambda w: _record_many(str(other), w, rounds, budget), range(workers)))
     assert sum(o == "ok" for outcome in results for o in outcome) == 6
     assert len(PrivacyLedger(other, site="H", delta=1e-5).entries) == 6
+
+
+def test_a_ledger_read_while_another_run_writes_waits_for_the_anchor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that opens the site's ledger between another run's ledger write and its anchor write (the very
+    first round above all, when no anchor exists yet) reads after both, not a ledger it takes for tampered."""
+    import threading
+
+    from fedpath.common import atomic
+
+    path = tmp_path / "H.json"
+    ledger_written, reader_done = threading.Event(), threading.Event()
+    real = atomic.write_text_atomic
+
+    def slow_anchor(target: Path, text: str) -> None:
+        if Path(target).name.endswith(".anchor"):
+            ledger_written.set()
+            reader_done.wait(1.0)  # the reader gets this long to read the half-written pair
+        real(target, text)
+
+    monkeypatch.setattr(privacy, "write_text_atomic", slow_anchor)
+    results: list[object] = []
+
+    def read() -> None:
+        ledger_written.wait(5)
+        try:
+            results.append(len(PrivacyLedger(path, site="H", delta=1e-5).entries))
+        except PrivacyError as err:
+            results.append(err)
+        reader_done.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    PrivacyLedger(path, site="H", delta=1e-5).record(
+        run="r", round=1, noise_multiplier=1.0, q=0.05, steps=10, budget=math.inf
+    )
+    reader.join(5)
+    assert results == [1], results
+
+
+def test_accounting_equals_opacus_and_its_work_per_round_does_not_grow(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ε is Opacus's RDPAccountant's to the last digits; and a site's calibration plus ledger ε at round 10
+    computes no more RDP curves than at round 1 (each round's σ differs, so nothing merges: before the cache,
+    every round recomputed every earlier round at every step of its search, and DP rounds slowed down)."""
+    import random
+
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp
+
+    from fedpath.common import accounting
+
+    rng = random.Random(0)
+    for _ in range(10):
+        history = [(rng.uniform(0.5, 3), rng.uniform(0.01, 0.5), rng.randint(1, 50)) for _ in range(4)]
+        reference = RDPAccountant()
+        reference.history = list(history)
+        assert accounting.epsilon_of(history, 1e-5) == pytest.approx(reference.get_epsilon(delta=1e-5), 1e-12)
+
+    calls = 0
+    real = rdp.compute_rdp
+
+    def counted(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rdp, "compute_rdp", counted)
+    accounting._rdp_per_step.cache_clear()
+    history: list[tuple[float, float, int]] = []
+    per_round = []
+    for r in range(1, 11):
+        calls = 0
+        sigma = calibrate_noise(8.0, 1e-5, 0.2 + r / 1000, 3 * (11 - r), history)  # a new q: no cache hits
+        history.append((sigma, 0.2 + r / 1000, 3))
+        accounting.epsilon_of(history, 1e-5)
+        per_round.append(calls)
+    assert max(per_round) <= per_round[0] + 2, per_round  # before the cache: 17 at round 1, 179 at round 10
