@@ -9,6 +9,11 @@ final model on every site's test patients, pooled.
 
     python benchmarks/bench_dp.py [--patients 300] [--dim 384] [--batch 16] [--repeats 3] [--model abmil]
     python benchmarks/bench_dp.py --utility [--rounds 5] [--epsilons 1,4,8]
+    python benchmarks/bench_dp.py --growth [--rounds 10] [--steps 3]
+
+Growth (--growth; target: round 5 ÷ round 1 ≤ 1.2): a site's DP rounds as its ClientApp runs them, in one
+process: σ calibrated for a target ε over the rounds left, `--steps` noisy steps, the round recorded in the
+ledger; the wall time of each round (calibration + training + ledger). Opacus is imported before round 1.
 """
 
 from __future__ import annotations
@@ -35,9 +40,14 @@ def main() -> None:
     parser.add_argument("--utility", action="store_true", help="privacy–utility table instead of epoch cost")
     parser.add_argument("--rounds", type=int, default=5, help="federated rounds (--utility)")
     parser.add_argument("--epsilons", default="1,4,8", help="target ε per site (--utility)")
+    parser.add_argument("--growth", action="store_true", help="DP round time against the round number")
+    parser.add_argument("--steps", type=int, default=3, help="noisy steps per round (--growth)")
     args = parser.parse_args()
     if args.utility:
         utility(args)
+        return
+    if args.growth:
+        growth(args)
         return
 
     import torch
@@ -85,6 +95,51 @@ def main() -> None:
     ratio = dp / plain
     print(f"DP / non-DP epoch time: {ratio:.2f}  (target ≤ 2.5) -> {'PASS' if ratio <= 2.5 else 'FAIL'}")
     print(json.dumps({"plain_s": plain, "dp_s": dp, "ratio": ratio, "patients": len(bags), "dim": args.dim}))
+
+
+def growth(args: argparse.Namespace) -> None:
+    import math
+
+    from fedpath.client.privacy import DPConfig, PrivacyLedger, default_delta, plan_round
+    from fedpath.client.training import TrainConfig, train_epochs
+    from fedpath.common.accounting import epsilon_of
+    from fedpath.common.bags import bags_from_manifest
+    from fedpath.common.manifest import load_manifest
+    from fedpath.common.mil import initial_model
+    from fedpath.simulation.synth import SynthConfig, synthesize
+
+    epsilon_of([(1.0, 0.5, 1)], 1e-5)  # imports Opacus's accountant before the first timed round
+    rounds = max(args.rounds, 5)
+    with tempfile.TemporaryDirectory() as tmp:
+        cohort = SynthConfig(sites=2, slides=80, dim=32, size_skew=0, multi_slide_fraction=0)
+        bags = bags_from_manifest(
+            load_manifest(synthesize(Path(tmp) / "cohort", cohort, progress=False)).for_site("site-A")
+        )
+        ledger_file = Path(tmp) / "ledger.json"
+        model = initial_model(args.model, in_dim=32, num_classes=2, seed=0)
+        times = []
+        for r in range(1, rounds + 1):
+            start = time.perf_counter()
+            ledger = PrivacyLedger(ledger_file, site="site-A", delta=default_delta(len(bags)))
+            plan = plan_round(
+                DPConfig(target_epsilon=8.0, expected_batch_size=8),
+                ledger,
+                patients=len(bags),
+                epochs=1,
+                steps=args.steps,
+                rounds_left=rounds - r + 1,
+            )
+            stats = train_epochs(model, bags, TrainConfig(epochs=1, steps=args.steps, seed=r), privacy=plan)
+            ledger.record(
+                run="bench", round=r, noise_multiplier=plan.noise_multiplier, q=plan.sample_rate,
+                steps=stats.steps, budget=math.inf,
+            )  # fmt: skip
+            times.append(time.perf_counter() - start)
+    ratio = times[4] / times[0]
+    print(f"{len(bags)} patients, {args.steps} DP steps a round; seconds per round: "
+          + ", ".join(f"{t:.2f}" for t in times))  # fmt: skip
+    print(f"round 5 / round 1: {ratio:.2f}  (target ≤ 1.2) -> {'PASS' if ratio <= 1.2 else 'FAIL'}")
+    print(json.dumps({"seconds": times, "ratio_5_1": ratio, "steps": args.steps}))
 
 
 def utility(args: argparse.Namespace) -> None:
