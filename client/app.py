@@ -312,15 +312,15 @@ def statistics(msg: Message, context: Context) -> Message:
     never a tile; only with at least k training patients, and never in a run with per-patient DP (its
     accounting does not cover these sums): otherwise the reply holds the patient count alone. A run the site's
     own policy refuses (DP required, models, rounds) gets no statistics either: the refusal a training round
-    would get (code ``POLICY_REFUSED``), before any feature file is read."""
+    would get (code ``POLICY_REFUSED``), before the site's manifest or any feature file is read."""
     run = RunConfig.from_flower(context.run_config)
-    run.require_model_shape()
-    site = load_site(resolve_site(context.node_config, run), run)
-    check_compatible(site, run)
     try:
         SitePolicy.from_node_config(context.node_config).check_run(run, 0)
     except PolicyRefused as err:
         return _refused(msg, context, POLICY_REFUSED, err.reason)
+    run.require_model_shape()
+    site = load_site(resolve_site(context.node_config, run), run)
+    check_compatible(site, run)
     metrics: dict[str, int | float] = {WEIGHT_KEY: len(site.train)}
     arrays = None
     if not run.private and len(site.train) >= min_report_patients(context.node_config):

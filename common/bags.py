@@ -33,7 +33,7 @@ class Bag:
 
 def feature_dim(manifest: Manifest) -> int:
     """The tile feature dimension of a cohort, from its first slide's feature file (the one place it is read
-    for a model's shape; `fedpath manifest check --deep` and a site's preflight check that all slides agree)."""
+    for a model's shape; a site's preflight, `fedpath site check`, checks that all its slides agree)."""
     first = manifest.slides[0]
     if first.features is None:
         raise FeatureFileError(

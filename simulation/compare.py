@@ -18,8 +18,8 @@ trains ``rounds × local_epochs`` epochs over its training patients in every met
     ``local`` — one model per training site, alone (`local:SITE`); in LOSO each is tested at every held-out
     site it did not train on. ``pooled`` — one model on the union of the training sites' training patients
     (the upper reference: not possible in practice), each batch from one site under LOSO (``POOLED_BATCHES``).
-    ``fedavg`` and ``fedprox`` (one run per μ in the grid) — the real ServerApp and ClientApp on Flower's simulation engine, one simulation per held-out site ×
-    seed × variant. ``fedprox-dp`` — FedProx with per-patient DP-SGD at each site, one run per target ε (run
+    ``fedavg`` and ``fedprox`` (one run per μ in the grid) — the real ServerApp and ClientApp on Flower's
+    simulation engine, one simulation per held-out site × seed × variant. ``fedprox-dp`` — FedProx with per-patient DP-SGD at each site, one run per target ε (run
     config ``dp-epsilon``); its cells are written only when the sites kept a privacy ledger (``privacy/`` in
     the federation's run folder), so an ε in the report is one that was enforced.
 
@@ -468,7 +468,6 @@ def train_baseline(manifest: Manifest, job: Job, config: CompareConfig) -> Train
     )
     if config.standardize:
         set_standardization(model, moments_of(bags))
-    round_steps = config.local_steps * len(job.train_sites)
     train_config = local_config(
         config,
         seed=job.seed,
@@ -476,6 +475,7 @@ def train_baseline(manifest: Manifest, job: Job, config: CompareConfig) -> Train
         sites=len(job.train_sites),
         site_batches=job.family == "pooled" and config.site_batches(job.protocol),
     )
+    round_steps = (train_config.steps or 0) // config.rounds  # 0: a round is local_epochs epochs
     losses: list[tuple[int, float | None]] = []
     states: dict[int, dict[str, Any]] = {}
 
