@@ -81,14 +81,15 @@ class FlowerProcess:
     log_file: Path
     address: str = ""
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """Stop the process and every descendant (ServerApp, SuperExec, ClientApps, simulation engine, Ray)."""
+    def stop(self, timeout: float = 20.0, *, grace: float = 5.0) -> None:
+        """Stop the process and every descendant (ServerApp, SuperExec, ClientApps, simulation engine, Ray):
+        SIGTERM, and SIGKILL to what is left after `grace` seconds."""
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout)
-        for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
             pids = _marked_pids(self.marker)
             if self.process.poll() is None:
                 pids.append(self.process.pid)
@@ -97,7 +98,7 @@ class FlowerProcess:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, sig)
-            deadline = time.monotonic() + grace
+            deadline = time.monotonic() + wait
             while time.monotonic() < deadline and _marked_pids(self.marker):
                 time.sleep(0.1)
         with contextlib.suppress(subprocess.TimeoutExpired):

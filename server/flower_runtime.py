@@ -182,13 +182,14 @@ def wait_healthy(
 
 def start_superlink(
     flwr_home: Path, *, simulation: bool, host: str = "127.0.0.1", port: int | None = None,
-    database: Path | None = None,
+    database: Path | None = None, env: Mapping[str, str] | None = None,
 ) -> FlowerProcess:  # fmt: skip
-    """Start a plain-text SuperLink on loopback (simulation engine or deployment) and wait until it answers."""
+    """Start a plain-text SuperLink on loopback (simulation engine or deployment) and wait until it answers.
+    `env` replaces `flower_env(flwr_home)` (the simulation engine adds the Ray cluster's address)."""
     port = port or free_port(host)
     log_file = flwr_home / "superlink.log"
     cmd = superlink_command(host=host, port=port, simulation=simulation, log_file=log_file, database=database)
-    link = start_process(cmd, flwr_home, flwr_home / "superlink.out")
+    link = start_process(cmd, flwr_home, flwr_home / "superlink.out", env=env)
     link.address = f"{host}:{port}"
     try:
         wait_healthy(link.address, link.process, link.log_file)
@@ -196,6 +197,45 @@ def start_superlink(
         link.stop()
         raise
     return link
+
+
+def start_ray_head(
+    flwr_home: Path, temp_dir: Path, *, cpus: int | None = None, timeout: float = 180.0
+) -> FlowerProcess:
+    """Start a one-machine Ray cluster (a head node) for simulations to attach to through ``RAY_ADDRESS``;
+    returns once it accepts drivers, with its address in `.address`.
+
+    Flower's simulation engine runs on Ray and starts a private Ray instance for every run unless
+    ``RAY_ADDRESS`` names a cluster (Ray's own convention): a head started once saves each later run Ray's
+    start and shutdown. Its ports are chosen free (several heads and a user's own cluster can coexist), its
+    session files go to `temp_dir` (not Ray's shared default, so ``ray.init(address="auto")`` elsewhere never
+    finds it), usage statistics are off, and it carries fedpath's process marker, so `stop()` ends it and
+    everything it started (never `ray stop`, which would stop every Ray cluster of the user).
+    """
+    host = "127.0.0.1"
+    port, client_port, agent_port = free_port(host), free_port(host), free_port(host)
+    cmd = [
+        executable("ray"), "start", "--head", "--node-ip-address", host, "--port", str(port),
+        "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent_port),
+        "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(temp_dir),
+    ]  # fmt: skip
+    if cpus is not None:
+        cmd += ["--num-cpus", str(cpus)]
+    env = {**flower_env(flwr_home), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    head = start_process(cmd, flwr_home, flwr_home / "ray-head.log", env=env)
+    head.address = f"{host}:{port}"
+    try:
+        code = head.process.wait(timeout)  # `ray start` returns once the head is up; its daemons stay
+    except subprocess.TimeoutExpired:
+        code = None
+    if code != 0:
+        head.stop()
+        raise FlowerRuntimeError(
+            f"the Ray head node did not start ({'timed out' if code is None else f'exit {code}'}); "
+            f"see {head.log_file}"
+        )
+    return head
 
 
 def submit_run(

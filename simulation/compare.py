@@ -44,6 +44,7 @@ The grid and resuming
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -54,7 +55,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from pydantic import ConfigDict, Field, field_validator, model_validator
@@ -81,6 +82,9 @@ from fedpath.simulation.headline import (
     load_results,
 )
 from fedpath.simulation.headline import paired_difference as paired_mean_difference
+
+if TYPE_CHECKING:
+    from fedpath.simulation.simulate import SimulationEngine
 from fedpath.simulation.report import (
     ALL_SITES,
     Analysis,
@@ -441,6 +445,7 @@ class Trained:
     rounds: list[dict[str, Any]]  # round-log lines of a federation, [] for baselines
     note: str  # where the model is, for done.json
     privacy: dict[str, Any] = field(default_factory=dict)  # site → ε spent and δ, from its privacy ledger
+    overhead: float | None = None  # a federation's seconds outside its rounds (Flower start-up, shutdown)
 
 
 def train_baseline(manifest: Manifest, job: Job, config: CompareConfig) -> Trained:
@@ -518,9 +523,15 @@ def federation_manifest(manifest: Manifest, job: Job, folder: Path) -> Path:
 
 
 def train_federation(
-    manifest: Manifest, job: Job, config: CompareConfig, folder: Path, say: Callable[[str], None]
+    manifest: Manifest,
+    job: Job,
+    config: CompareConfig,
+    folder: Path,
+    say: Callable[[str], None],
+    engine: SimulationEngine | None = None,
 ) -> Trained:
-    """FedAvg / FedProx / FedProx+DP on Flower's simulation engine over the job's training sites.
+    """FedAvg / FedProx / FedProx+DP on Flower's simulation engine over the job's training sites, on
+    `engine` when the grid shares one (else on a private one).
 
     An interrupted federation resumes from its last checkpoint; a finished one is
     not run again.
@@ -552,9 +563,13 @@ def train_federation(
         raise CompareError(f"{job.describe()}: {err}; or delete {folder} to rerun it") from err
     last = runs.checkpoint_rounds()
     finished = runs.model.exists() and bool(last) and last[-1] == config.rounds
+    overhead = None
     if not finished:
         try:
-            simulate(run, sites=len(job.train_sites), cpus_per_site=config.cpus_per_site, progress=say)
+            overhead = simulate(
+                run, sites=len(job.train_sites), cpus_per_site=config.cpus_per_site, engine=engine,
+                progress=say,
+            ).overhead  # fmt: skip
         except SimulationError as err:
             raise CompareError(f"{job.describe()}: the federation failed: {err}") from err
     ledgers = list((run_dir / "privacy").glob("*.json"))
@@ -566,7 +581,7 @@ def train_federation(
             "Leave fedprox-dp out of --methods until DP training is available."
         )
     model, _ = load_model(runs.model)
-    return Trained(model, runs.read_rounds(), str(runs.model), spent_privacy(ledgers))
+    return Trained(model, runs.read_rounds(), str(runs.model), spent_privacy(ledgers), overhead)
 
 
 def spent_privacy(ledgers: Sequence[Path]) -> dict[str, Any]:
@@ -680,6 +695,7 @@ class Outcome:
     failed: list[str]  # one line per failed job
     seconds: float  # wall time of this invocation
     sweep_seconds: float  # training time of every finished job, earlier invocations included
+    overheads: list[float] = field(default_factory=list)  # per federation run here, in order: Flower's share
     analysis: Analysis | None = (
         None  # what the report shows; `headline(outcome.analysis, protocol)` prints it
     )
@@ -736,8 +752,48 @@ def run_comparison(
     )
     durations: dict[str, list[float]] = defaultdict(list)  # job family → seconds of its finished jobs
     failed: list[str] = []
+    overheads: list[float] = []
     ran = 0
     labels = manifest.patient_labels()
+    from fedpath.simulation.simulate import SimulationEngine
+
+    # one simulation engine for every federation of the grid: a run after the first skips its start-up
+    engine = SimulationEngine(out / "flower") if any(j.federated for j in todo) else None
+    with engine or contextlib.nullcontext():
+        ran, cells_done = _run_jobs(
+            manifest, out, config, todo, engine, labels, durations, failed, overheads, cells_done, cells_total,
+            say,
+        )  # fmt: skip
+    if overheads and engine is not None:
+        overheads[0] += engine.start_seconds  # the engine started for the first federation
+    say("\nreport: collecting finished cells")
+    features = feature_provenance(manifest)
+    if features["random_init_files"]:
+        say(f"NOTE: {RANDOM_INIT_NOTE.format(**features)}")
+    paths = render(out, cohort=cohort, config=config, n_boot=n_boot, say=say, features=features)
+    sweep = finished_job_seconds(out)
+    return Outcome(
+        paths.html, paths.results, ran, skipped, failed, time.perf_counter() - started, sweep, overheads,
+        paths.analysis,
+    )  # fmt: skip
+
+
+def _run_jobs(
+    manifest: Manifest,
+    out: Path,
+    config: CompareConfig,
+    todo: Sequence[Job],
+    engine: SimulationEngine | None,
+    labels: Mapping[str, int],
+    durations: dict[str, list[float]],
+    failed: list[str],
+    overheads: list[float],
+    cells_done: int,
+    cells_total: int,
+    say: Callable[[str], None],
+) -> tuple[int, int]:
+    """Train, score and write each job of `todo`; returns the cells run and the cells now done."""
+    ran = 0
     for i, job in enumerate(todo, start=1):
         eta = _eta(todo[i - 1 :], durations)
         say(f"\n[job {i}/{len(todo)} · {cells_done}/{cells_total} cells done · ETA {eta}] {job.describe()}")
@@ -745,7 +801,9 @@ def run_comparison(
         folder = job_dir(out, job)
         try:
             if job.federated:
-                trained = train_federation(manifest, job, config, folder, lambda line: say(f"    {line}"))
+                trained = train_federation(
+                    manifest, job, config, folder, lambda line: say(f"    {line}"), engine
+                )
             else:
                 trained = train_baseline(manifest, job, config)
         except CompareError as err:
@@ -771,16 +829,10 @@ def run_comparison(
             scores.append(f"{cell.test_site} {_auroc(rows):.3f}")
         cells_done += len(job.cells)
         ran += len(job.cells)
+        if trained.overhead is not None:
+            overheads.append(trained.overhead)
         say(f"  done in {seconds:.0f} s; AUROC at {', '.join(scores)}")
-    say("\nreport: collecting finished cells")
-    features = feature_provenance(manifest)
-    if features["random_init_files"]:
-        say(f"NOTE: {RANDOM_INIT_NOTE.format(**features)}")
-    paths = render(out, cohort=cohort, config=config, n_boot=n_boot, say=say, features=features)
-    sweep = finished_job_seconds(out)
-    return Outcome(
-        paths.html, paths.results, ran, skipped, failed, time.perf_counter() - started, sweep, paths.analysis
-    )
+    return ran, cells_done
 
 
 RANDOM_INIT_NOTE = (

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -147,6 +148,8 @@ def run_and_report(
         f"\n{outcome.cells_run} cells run, {outcome.cells_skipped} already done; this run "
         f"{outcome.seconds:.0f} s, all finished jobs {outcome.sweep_seconds:.0f} s of training."
     )
+    if outcome.overheads:
+        print(overhead_line(outcome.overheads))
     if outcome.failed:
         print(
             f"{len(outcome.failed)} job(s) failed (their cells are missing from the report):", file=sys.stderr
@@ -155,6 +158,15 @@ def run_and_report(
             print(f"  {line}", file=sys.stderr)
     print(f"report: {outcome.report}\n  (also {outcome.report.with_suffix('.md')}, {outcome.results})")
     return outcome
+
+
+def overhead_line(overheads: Sequence[float]) -> str:
+    """Flower's share of the federations run: the first (with the engine's start) and the later ones' mean."""
+    first, later = overheads[0], overheads[1:]
+    text = f"Flower overhead per federation (wall time outside its rounds): {first:.1f} s for the first"
+    if later:
+        text += f", {sum(later) / len(later):.1f} s on average for the {len(later)} after it (warm engine)"
+    return text
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,21 +1,26 @@
 """A local federation on Flower's simulation engine: one simulated site per manifest site.
 
-The same ServerApp and ClientApp as in deployment run here; only the engine differs. A private SuperLink
-(simulation mode, plain text on loopback, runtime dependency installation off) is started for the run with
-``FLWR_HOME`` inside the run folder, and stopped with everything it started when the run ends.
+The same ServerApp and ClientApp as in deployment run here; only the engine differs: a SuperLink in
+simulation mode (plain text on loopback, runtime dependency installation off) and a Ray head node, started
+for one run with ``FLWR_HOME`` inside the run folder, or once for a grid of runs (`SimulationEngine`), and
+stopped with everything they started when the run or the grid ends.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fedpath.common.bags import feature_dim
 from fedpath.common.features import FeatureFileError
 from fedpath.common.manifest import load_manifest
+from fedpath.common.processes import FlowerProcess, flower_env
 from fedpath.common.runconfig import RunConfig
 from fedpath.server import flower_runtime as fr
 from fedpath.server.runfolder import RunFolder
@@ -29,9 +34,10 @@ class SimulationError(RuntimeError):
 class SimulationResult:
     run_dir: Path
     status: str
-    seconds: float  # wall time of the whole simulation, SuperLink start to stop
+    seconds: float  # wall time of the run (with a private engine, its start and stop included)
     started_at: float  # time.time() when the simulation began
     rounds: list[dict[str, Any]]
+    overhead: float = 0.0  # seconds of this run that were not its rounds (Flower start-up and shutdown)
 
 
 def federation_config(manifest: str | Path, *, run_dir: Path, **settings: Any) -> RunConfig:
@@ -50,11 +56,72 @@ def federation_config(manifest: str | Path, *, run_dir: Path, **settings: Any) -
     )
 
 
+class SimulationEngine:
+    """Flower's simulation engine, started once for several runs: a SuperLink in simulation mode and a Ray
+    head node that every run's simulation process attaches to, so a run after the first pays neither start.
+
+    Each run is still a separate Flower run (`flwr run`): its own ServerApp process, ClientApp actors and
+    run config, exactly as with a private engine. With ``RAY_ADDRESS`` set (the user's own Ray cluster, as
+    Ray documents it, or the test suite's), runs attach to that cluster and no head is started. Use it as a
+    context manager (fedpath's commands turn SIGTERM into an exception, so leaving it stops the engine).
+    """
+
+    def __init__(self, home: Path, *, cpus: int | None = None) -> None:
+        self.home = home.resolve()  # FLWR_HOME of the SuperLink and the `flwr` commands, and their logs
+        self.cpus = cpus  # CPU cores the Ray head offers (default: all)
+        self.link: FlowerProcess | None = None
+        self.ray: FlowerProcess | None = None
+        self.ray_address = os.environ.get("RAY_ADDRESS", "")
+        self.runs = 0
+        self.start_seconds = 0.0  # how long the last start took (SuperLink and Ray head)
+        self._ray_temp: Path | None = None
+
+    def start(self) -> SimulationEngine:
+        if self.link is not None:
+            return self
+        self.home.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        try:
+            if not self.ray_address:
+                # Ray's session files under a short private folder (its socket paths must stay short)
+                self._ray_temp = Path(tempfile.mkdtemp(prefix="fedpath-ray-"))
+                self.ray = fr.start_ray_head(self.home, self._ray_temp, cpus=self.cpus)
+                self.ray_address = self.ray.address
+            env = {**flower_env(self.home), "RAY_ADDRESS": self.ray_address}
+            self.link = fr.start_superlink(self.home, simulation=True, env=env)
+            fr.write_connection(self.home, self.link.address)
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.perf_counter() - t0
+        return self
+
+    def stop(self) -> None:
+        """Stop the SuperLink and the Ray head with every process they started."""
+        if self.link is not None:
+            self.link.stop()
+        if self.ray is not None:
+            self.ray.stop(grace=1.0)  # a Ray cluster of this engine holds nothing worth a graceful end
+        if self.ray is not None:
+            self.ray_address = ""
+        self.link = self.ray = None
+        if self._ray_temp is not None:
+            shutil.rmtree(self._ray_temp, ignore_errors=True)
+            self._ray_temp = None
+
+    def __enter__(self) -> SimulationEngine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def simulate(
     run: RunConfig,
     *,
     sites: int,
     cpus_per_site: int = 1,
+    engine: SimulationEngine | None = None,
     app_dir: Path | None = None,
     extra_files: dict[str, str] | None = None,
     clientapp: str = fr.CLIENTAPP,
@@ -63,38 +130,51 @@ def simulate(
 ) -> SimulationResult:
     """Run the federation `run` on the simulation engine with `sites` simulated nodes; wait for it.
 
-    `clientapp`/`extra_files` replace the ClientApp (tests use this for a misbehaving site). Raises
-    `SimulationError` when the run fails, and when no round aggregated a training update (the message names
-    each site's reply codes, as the model card does).
+    `engine` is a started `SimulationEngine` shared with other runs; without one, a private engine is
+    started in the run folder and stopped afterwards. `clientapp`/`extra_files` replace the ClientApp (tests
+    use this for a misbehaving site). Raises `SimulationError` when the run fails, and when no round
+    aggregated a training update (the message names each site's reply codes, as the model card does).
     """
+    if engine is None:
+        t0 = time.perf_counter()
+        try:
+            with SimulationEngine(Path(run.run_dir) / "flwr") as own:
+                result = simulate(
+                    run, sites=sites, cpus_per_site=cpus_per_site, engine=own, app_dir=app_dir,
+                    extra_files=extra_files, clientapp=clientapp, timeout=timeout, progress=progress,
+                )  # fmt: skip
+        except fr.FlowerRuntimeError as err:
+            raise SimulationError(str(err)) from err
+        total = time.perf_counter() - t0  # the private engine's start and stop belong to this run
+        return replace(result, seconds=total, overhead=result.overhead + total - result.seconds)
+    if engine.link is None:
+        raise SimulationError("the simulation engine is not started (use it in a `with` block)")
     say = progress or (lambda _: None)
     started_at, t0 = time.time(), time.perf_counter()
     run_dir = Path(run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    flwr_home = run_dir / "flwr"
+    flwr_home = engine.home
     app = fr.write_app(app_dir or run_dir / "app", run, clientapp=clientapp, extra_files=extra_files)
     folder = RunFolder(run_dir)
-    link = fr.start_superlink(flwr_home, simulation=True)
+    rounds_before = len(folder.read_rounds())
     try:
-        fr.write_connection(flwr_home, link.address)
-        try:
-            run_id = fr.submit_run(
-                app,
-                flwr_home,
-                federation_config=f"num-supernodes={sites} client-resources-num-cpus={cpus_per_site}",
-            )
-        except fr.FlowerRuntimeError as err:
-            raise SimulationError(str(err)) from err
-        say(
-            f"simulation: run {run_id} on a local SuperLink ({link.address}), {sites} sites; logs in {flwr_home}"
+        run_id = fr.submit_run(
+            app,
+            flwr_home,
+            federation_config=f"num-supernodes={sites} client-resources-num-cpus={cpus_per_site}",
         )
-        status = fr.follow_run(
-            run_id, flwr_home, folder, run.num_server_rounds, say, started_at=started_at, timeout=timeout
-        )
-        log_path = run_dir / "server.log"
-        log_path.write_text(fr.run_logs(run_id, flwr_home))
-    finally:
-        link.stop()
+    except fr.FlowerRuntimeError as err:
+        raise SimulationError(str(err)) from err
+    engine.runs += 1
+    say(
+        f"simulation: run {run_id} on a local SuperLink ({engine.link.address}), {sites} sites; "
+        f"logs in {flwr_home}"
+    )
+    status = fr.follow_run(
+        run_id, flwr_home, folder, run.num_server_rounds, say, started_at=started_at, timeout=timeout
+    )
+    log_path = run_dir / "server.log"
+    log_path.write_text(fr.run_logs(run_id, flwr_home))
     seconds = time.perf_counter() - t0
     untrained = folder.no_training(since=started_at)
     if untrained:
@@ -102,7 +182,9 @@ def simulate(
     if status != "finished:completed":
         tail = "\n".join(log_path.read_text().splitlines()[-25:])
         raise SimulationError(f"run {run_id} ended as '{status}'; see {log_path}:\n{tail}")
-    return SimulationResult(run_dir, status, seconds, started_at, folder.read_rounds())
+    rounds = folder.read_rounds()
+    training = sum(float(r.get("seconds") or 0.0) for r in rounds[rounds_before:])
+    return SimulationResult(run_dir, status, seconds, started_at, rounds, max(0.0, seconds - training))
 
 
 @dataclass(frozen=True)

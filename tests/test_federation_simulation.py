@@ -12,12 +12,13 @@ import torch
 from fedpath.client.training import TrainConfig, train_epochs
 from fedpath.common.bags import bags_from_manifest
 from fedpath.common.manifest import load_manifest, split_patients
+from fedpath.common.processes import _marked_pids
 from fedpath.server.federation import initial_weights
 from fedpath.server.runfolder import RunFolder, load_checkpoint, load_model
-from fedpath.simulation.simulate import SimulationResult, federation_config, simulate
+from fedpath.simulation.simulate import SimulationEngine, SimulationResult, federation_config, simulate
 from tests.federation_helpers import held_out_by_site, make_cohort, mean_auroc
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray")]
 
 ROUNDS = 3
 SETTINGS = {"local_epochs": 2, "lr": 5e-3, "proximal_mu": 0.01, "min_sites": 2, "seed": 7}
@@ -69,16 +70,30 @@ def test_uninterrupted_run_writes_checkpoints_log_model_and_card(
 
 
 def test_resumed_run_equals_uninterrupted_run(
-    federation_shift_cohort: Path, federation_full_run: SimulationResult, tmp_path: Path
+    federation_shift_cohort: Path,
+    federation_full_run: SimulationResult,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Also the warm engine of a grid: both runs on one SuperLink and one Ray head of the engine's own, which
+    is gone with everything it started when the engine stops."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     run_dir = tmp_path / "interrupted"
     first = federation_config(federation_shift_cohort, run_dir=run_dir, num_server_rounds=1, **SETTINGS)
-    simulate(first, sites=3, progress=None)  # the coordinator stops after round 1
-    assert RunFolder(run_dir).checkpoint_rounds() == [1]
     resumed = federation_config(
         federation_shift_cohort, run_dir=run_dir, num_server_rounds=ROUNDS, resume=True, **SETTINGS
     )
-    simulate(resumed, sites=3, progress=None)
+    with SimulationEngine(tmp_path / "engine") as engine:
+        address = engine.ray_address
+        assert engine.ray is not None and engine._ray_temp is not None
+        markers, ray_temp = [engine.ray.marker, engine.link.marker], engine._ray_temp  # type: ignore[union-attr]
+        simulate(first, sites=3, engine=engine, progress=None)  # the coordinator stops after round 1
+        assert RunFolder(run_dir).checkpoint_rounds() == [1]
+        simulate(resumed, sites=3, engine=engine, progress=None)
+        assert engine.ray_address == address and engine.runs == 2
+        drivers = list((ray_temp / "session_latest" / "logs").glob("python-core-driver-*.log"))
+        assert len(drivers) == 2, drivers  # each run's simulation process attached to the engine's Ray head
+    assert all(_marked_pids(m) == [] for m in markers) and not ray_temp.exists()
 
     folder = RunFolder(run_dir)
     assert folder.checkpoint_rounds() == [1, 2, 3]

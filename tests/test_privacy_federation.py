@@ -19,7 +19,7 @@ from fedpath.simulation.simulate import federation_config, simulate
 from fedpath.simulation.synth import SynthConfig, synthesize
 from tests.federation_helpers import held_out_by_site
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray")]
 
 SIGMA, BATCH = 1.5, 8
 # An easy cohort: one large site and one small one (which spends ε faster: more of its patients per step).

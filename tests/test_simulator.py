@@ -226,6 +226,7 @@ def test_config_rejects_unknown_methods() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")
 def test_loso_comparison_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     cohort = synthetic_cohort(tmp_path / "cohort", sites=3, slides=42, dim=8)
@@ -233,6 +234,12 @@ def test_loso_comparison_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     out = tmp_path / "run"
     outcome = run_comparison(cohort.manifest, out, config, n_boot=50, say=lambda _: None)
     assert not outcome.failed and outcome.cells_run == 3 * 2 + 3 + 3
+    # the three federations ran on one engine: one SuperLink took all three runs, and (RAY_ADDRESS being set)
+    # no Ray head of its own was started; each federation's time outside its rounds is reported
+    superlink_log = (out / "flower" / "superlink.log").read_text()
+    assert superlink_log.count("Created run") == 3
+    assert not (out / "flower" / "ray-head.log").exists()
+    assert len(outcome.overheads) == 3 and all(o > 0 for o in outcome.overheads)
 
     with outcome.results.open() as f:
         results = list(csv.DictReader(f))

@@ -272,6 +272,7 @@ def _run_dir_text(run_dir: Path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")
 def test_run_with_a_faulty_site_records_no_identifier_anywhere(tmp_path: Path) -> None:
     """site-B's feature file of one training patient is not HDF5; its file name holds the patient id. Two
     rounds on Flower's simulation engine: site-A trains alone; nothing the coordinator received, logged or
@@ -302,6 +303,7 @@ def test_run_with_a_faulty_site_records_no_identifier_anywhere(tmp_path: Path) -
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")
 def test_run_in_which_no_site_trained_ends_non_zero_and_says_why(tmp_path: Path) -> None:
     manifest = make_cohort(tmp_path / "cohort", sites=2, slides=24, shift=0.5)
     for site in ("site-A", "site-B"):

@@ -29,7 +29,7 @@ from fedpath.simulation.simulate import federation_config, simulate
 from fedpath.simulation.synth import SynthConfig, synthesize
 from tests.federation_helpers import EASY
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray")]
 
 TRAINING_SITES = {"site-1": 5, "site-2": 6, "site-3": 7, "site-4": 8}  # patients; 3–6 of them train
 
