@@ -42,7 +42,7 @@ class SynthConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    sites: int = Field(4, ge=2, le=26, description="number of sites K")
+    sites: int = Field(4, ge=2, le=702, description="number of sites K")
     slides: int = Field(400, ge=8, description="slides over all sites")
     dim: int = Field(64, ge=4, description="tile feature dimension D")
     shift: float = Field(1.0, ge=0, description="site shift strength (0 = identical sites)")
@@ -72,7 +72,11 @@ class SynthConfig(BaseModel):
 
 
 def site_names(k: int) -> list[str]:
-    return [f"site-{string.ascii_uppercase[i]}" for i in range(k)]
+    """site-A … site-Z, then site-AA, site-AB, … (as spreadsheet columns; 702 names in all)."""
+    letters = string.ascii_uppercase
+    singles = list(letters)
+    pairs = [a + b for a in letters for b in letters]
+    return [f"site-{name}" for name in (singles + pairs)[:k]]
 
 
 def site_sizes(config: SynthConfig) -> list[int]:
