@@ -69,6 +69,7 @@ from fedpath.common.features import FeatureFileError
 from fedpath.common.manifest import ManifestError
 from fedpath.common.mil import create_mil
 from fedpath.common.runconfig import (
+    FEATURES_PREFIX,
     INCOMPATIBLE_MODEL,
     POLICY_REFUSED,
     PRIVACY_EXHAUSTED,
@@ -177,7 +178,10 @@ def local_train_config(run: RunConfig, site: str, server_round: int, proximal_mu
 
 
 def _reply(msg: Message, site: SiteData, metrics: MetricRecord, arrays: ArrayRecord | None) -> Message:
-    content = RecordDict({"metrics": metrics, SITE_RECORD: ConfigRecord({SITE_NAME: site.name})})
+    # the site's name and what its features were made with (encoder, weights checksum, tile size): the
+    # coordinator records it in the model, so that applying the model to other features can be refused
+    stated = {f"{FEATURES_PREFIX}{k}": v for k, v in site.features.items()}
+    content = RecordDict({"metrics": metrics, SITE_RECORD: ConfigRecord({SITE_NAME: site.name, **stated})})
     if arrays is not None:
         content["arrays"] = arrays
     return Message(content=content, reply_to=msg)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedpath.common.bags import Bag, bags_from_manifest, feature_dim
-from fedpath.common.features import FeatureFileError
+from fedpath.common.features import FeatureFileError, common_provenance, inspect_features, provenance
 from fedpath.common.manifest import Manifest, load_manifest, split_patients
 from fedpath.common.runconfig import RunConfig
 
@@ -48,6 +48,9 @@ class SiteData:
     slides_train: int
     in_dim: int
     num_classes: int
+    classes: tuple[str, ...] = ()  # the site's class labels in index order
+    # what the training features state they were made with (`common_provenance`): sent with training replies
+    features: dict[str, str | int | float] = field(default_factory=dict)
 
 
 def choose_site(manifest: Manifest, site: str, *, how: str) -> str:
@@ -122,7 +125,21 @@ def _load_site(manifest_path: Path, site: str, val: float, test: float, seed: in
         slides_train=len(train_manifest.slides),
         in_dim=_feature_dim(manifest),
         num_classes=manifest.num_classes,
+        classes=tuple(manifest.classes),
+        features=_provenance(train),
     )
+
+
+def _provenance(bags: list[Bag]) -> dict[str, str | int | float]:
+    """The training features' provenance from their headers; an unreadable file is left to training, which
+    fails on it with the file named in the site's log."""
+    stated = []
+    for path in (p for bag in bags for p in bag.paths):
+        try:
+            stated.append(provenance(inspect_features(path)))
+        except FeatureFileError:
+            continue
+    return common_provenance(stated)
 
 
 def _feature_dim(manifest: Manifest) -> int:
@@ -133,7 +150,8 @@ def _feature_dim(manifest: Manifest) -> int:
 
 
 def check_compatible(site: SiteData, run: RunConfig) -> None:
-    """The site's data must fit the run's model: same feature dimension and number of classes."""
+    """The site's data must fit the run's model: same feature dimension, number of classes and (where the run
+    states them) class labels."""
     if site.in_dim != run.in_dim:
         raise IncompatibleSite(
             f"site '{site.name}' has {site.in_dim}-dimensional features but the run's model expects "
@@ -143,4 +161,10 @@ def check_compatible(site: SiteData, run: RunConfig) -> None:
         raise IncompatibleSite(
             f"site '{site.name}' has {site.num_classes} label classes but the run expects "
             f"num-classes={run.num_classes}"
+        )
+    stated = [c for c in run.classes.split(",") if c]
+    if stated and site.classes and list(site.classes) != stated:
+        raise IncompatibleSite(
+            f"site '{site.name}' has the labels {list(site.classes)} but the run's classes are {stated} "
+            "(in index order): the same class must have the same label at every site"
         )

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -272,3 +274,44 @@ def read_features(path: str | os.PathLike[str]) -> TileFeatures:
         if c is not None and c.shape != (info.n_tiles, 2):
             raise FeatureFileError(f"{p}: {name} has shape {c.shape}, expected ({info.n_tiles}, 2)")
     return TileFeatures(read_feature_matrix(p), coords_um, coords_px, info)
+
+
+# --- provenance: what the features were made with ---------------------------------------------------------
+
+PROVENANCE_KEYS = ("encoder", "weights_sha256", "tile_size_px", "tile_size_um")
+
+
+def provenance(info: FeatureFileInfo) -> dict[str, str | int | float]:
+    """What a feature file states it was made with (encoder, weights checksum, tile size); stated keys only."""
+    values: dict[str, str | int | float | None] = {
+        "encoder": info.encoder,
+        "weights_sha256": info.weights_sha256,
+        "tile_size_px": info.tile_size_px,
+        "tile_size_um": info.tile_size_um,
+    }
+    return {k: v for k, v in values.items() if v is not None and v != ""}
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return abs(float(a) - float(b)) <= 1e-3 * max(1.0, abs(float(a)))
+    return str(a) == str(b)
+
+
+def provenance_mismatch(expected: Mapping[str, object], found: Mapping[str, object]) -> list[str]:
+    """Keys that both state with different values, as "key: model X, features Y" (an unstated key is not a
+    mismatch: STAMP and TRIDENT files state less than fedpath's)."""
+    return [
+        f"{key}: model {expected[key]!r}, features {found[key]!r}"
+        for key in PROVENANCE_KEYS
+        if key in expected and key in found and not _same(expected[key], found[key])
+    ]
+
+
+def common_provenance(stated: Iterable[Mapping[str, str | int | float]]) -> dict[str, str | int | float]:
+    """The provenance most files state (see `provenance`), with ``files_agree`` False when they differ."""
+    seen = Counter(tuple(sorted(p.items())) for p in stated)
+    if not seen:
+        return {}
+    (most, _), agree = seen.most_common(1)[0], len(seen) == 1
+    return {**dict(most), "files_agree": agree}

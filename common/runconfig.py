@@ -25,6 +25,8 @@ WEIGHT_KEY = "patients"
 # Key of the ConfigRecord in a reply that names the site (an aggregate fact, never patient data).
 SITE_RECORD = "site"
 SITE_NAME = "name"
+# ...and, under this prefix, what the site's features state they were made with (`common.features.provenance`)
+FEATURES_PREFIX = "features."
 # With client-level DP every site weighs the same (the accounting assumes a plain mean of clipped updates).
 UNIT_WEIGHT_KEY = "unit-weight"
 # Error code of a training reply from a site whose privacy budget would be exceeded by the round.
@@ -72,6 +74,7 @@ class RunConfig(TrainingSettings):
     # model shape (both sides must agree)
     in_dim: int = Field(0, ge=0, description="tile feature dimension D (0 = not set)")
     num_classes: int = Field(2, ge=2)
+    classes: str = Field("", description="class labels in index order, comma-separated ('' = not stated)")
     seed: int = Field(0, description="seed of the initial weights and of every site's local training")
     # per-patient differential privacy at every site (DP-SGD with Opacus); off while dp-noise and dp-epsilon
     # are both 0. A site's node config may set its own 'privacy-budget', 'privacy-ledger' and policy.
@@ -108,6 +111,12 @@ class RunConfig(TrainingSettings):
     def private(self) -> bool:
         """Whether the sites train with per-patient DP-SGD."""
         return self.dp_noise > 0 or self.dp_epsilon > 0
+
+    @property
+    def class_labels(self) -> list[str]:
+        """The class labels in index order: the stated ones, else the indices as text."""
+        stated = [c for c in self.classes.split(",") if c] if self.classes else []
+        return stated if len(stated) == self.num_classes else [str(i) for i in range(self.num_classes)]
 
     def require_model_shape(self) -> None:
         if self.in_dim <= 0:

@@ -9,7 +9,9 @@ command that followed it exits non-zero. Every checkpoint records how many round
 
 from __future__ import annotations
 
+import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from logging import ERROR, INFO
 from pathlib import Path
@@ -156,7 +158,8 @@ def run_federation(grid: Grid, run: RunConfig) -> RunFolder:
         trained_then = sum(
             1 for line in history if line.get("aggregated") and line["round"] <= selection.round
         )
-        folder.save_model(Checkpoint(selection.round, state, config, seeds, trained_then))
+        features = agreed_features([line for line in history if line["round"] <= selection.round])
+        folder.save_model(Checkpoint(selection.round, state, config, seeds, trained_then, features))
         log(INFO, "model.pt: %s", selection.why)
     else:
         folder.model.unlink(missing_ok=True)  # nothing may look like a trained model
@@ -166,6 +169,29 @@ def run_federation(grid: Grid, run: RunConfig) -> RunFolder:
         raise NoSiteTrained(untrained)
     log(INFO, "final model: %s; model card: %s", folder.model, folder.card_md)
     return folder
+
+
+def agreed_features(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the features of the sites that trained state they were made with: the statement most of them
+    share, ``sites_agree`` False (and the sites' statements) when they differ; {} when none stated any."""
+    stated: dict[str, dict[str, Any]] = {}
+    for line in history:
+        for site, entry in line.get("sites", {}).items():
+            if entry.get("status") == "ok" and entry.get("train") and entry.get("features"):
+                stated[site] = {k: v for k, v in entry["features"].items() if k != "files_agree"}
+    if not stated:
+        return {}
+    counts = Counter(json.dumps(v, sort_keys=True) for v in stated.values())
+    most = json.loads(counts.most_common(1)[0][0])
+    files_agree = all(
+        e.get("features", {}).get("files_agree", True)
+        for line in history
+        for e in line.get("sites", {}).values()
+    )
+    out = {**most, "sites_agree": len(counts) == 1, "files_agree": files_agree}
+    if len(counts) > 1:
+        out["sites"] = stated
+    return out
 
 
 def select_round(history: list[dict[str, Any]]) -> Selection:
@@ -225,6 +251,9 @@ def model_card(
         "selected_round": None if selection is None else selection.round,
         "selection": None if selection is None else selection.why,
         "selection_rule": SELECTION_RULE,
+        "features": agreed_features(
+            [line for line in history if selection is None or line["round"] <= selection.round]
+        ),
         "final_evaluation": {
             "round": last.get("round"),
             "sites": {s: e.get("evaluate", {}) for s, e in last["sites"].items()},

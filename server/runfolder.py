@@ -18,15 +18,17 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
-from fedpath.common.atomic import atomic_path, write_text_atomic
-from fedpath.common.mil import create_mil
+from fedpath.common.atomic import write_text_atomic
+from fedpath.common.modelfile import (  # noqa: F401  (re-exported: the run folder's file format)
+    Checkpoint,
+    RunFolderError,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
 
 CHECKPOINT_RE = re.compile(r"round-(\d{4,})\.pt$")
 # Run-config fields that must not change between a run and its resumption (they change what is computed).
@@ -48,22 +50,6 @@ RESUME_INVARIANT = (
     "split_seed",
     "manifest",
 )
-
-
-class RunFolderError(RuntimeError):
-    """A run folder that cannot be used as asked; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """Global weights after `round` (0 = the initial weights), with the run config and seeds."""
-
-    round: int
-    state_dict: dict[str, torch.Tensor]
-    config: dict[str, Any]
-    seeds: dict[str, Any]
-    # rounds up to this one that aggregated a training update (0: still the initial weights; None: unknown)
-    trained_rounds: int | None = None
 
 
 def json_safe(value: Any) -> Any:
@@ -98,7 +84,7 @@ class RunFolder:
 
     def save_checkpoint(self, ckpt: Checkpoint) -> Path:
         path = self.checkpoint_path(ckpt.round)
-        _save(path, ckpt)
+        save_checkpoint(path, ckpt)
         return path
 
     def latest_checkpoint(self) -> Checkpoint | None:
@@ -152,7 +138,7 @@ class RunFolder:
 
     # ------------------------------------------------------------------------------------ final outputs
     def save_model(self, ckpt: Checkpoint) -> Path:
-        _save(self.model, ckpt)
+        save_checkpoint(self.model, ckpt)
         return self.model
 
     def no_training(self, since: float = 0.0) -> str | None:
@@ -168,47 +154,6 @@ class RunFolder:
         write_text_atomic(self.card_md, render_model_card(json_safe(card)))
 
 
-def _save(path: Path, ckpt: Checkpoint) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(
-            {
-                "round": ckpt.round,
-                "state_dict": {k: v.detach().cpu() for k, v in ckpt.state_dict.items()},
-                "config": ckpt.config,
-                "seeds": ckpt.seeds,
-                "trained_rounds": ckpt.trained_rounds,
-            },
-            tmp,
-        )
-
-
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Read a checkpoint or final model file (tensors and plain values only: no code is unpickled)."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise RunFolderError(
-            f"cannot read checkpoint {path} ({err}); delete it to resume from the one before"
-        ) from err
-    trained = data.get("trained_rounds")
-    return Checkpoint(
-        int(data["round"]),
-        data["state_dict"],
-        dict(data["config"]),
-        dict(data["seeds"]),
-        None if trained is None else int(trained),
-    )
-
-
-def load_model(path: Path) -> tuple[nn.Module, Checkpoint]:
-    """The MIL model of a checkpoint or final model file, built from its run config, in eval mode."""
-    ckpt = load_checkpoint(path)
-    cfg = ckpt.config
-    model = create_mil(cfg["model"], in_dim=int(cfg["in_dim"]), num_classes=int(cfg["num_classes"]))
-    model.load_state_dict(ckpt.state_dict, strict=True)
-    return model.eval(), ckpt
-
-
 def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Settings that differ between a checkpoint's run config and the resuming run's."""
     return [
@@ -216,6 +161,24 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str
         for k in RESUME_INVARIANT
         if saved.get(k) != current.get(k)
     ]
+
+
+def describe_features(features: dict[str, Any]) -> str:
+    """One line on what the training sites' features were made with (the model's `features`)."""
+    if not features:
+        return "not stated by the sites (fedpath predict cannot check an encoder mismatch)"
+    sha = str(features.get("weights_sha256", ""))
+    text = (
+        f"encoder `{features.get('encoder', '?')}`"
+        + (f", weights sha256 {sha[:12]}…" if sha else "")
+        + (f", tiles {features['tile_size_px']} px" if "tile_size_px" in features else "")
+        + (f" over {features['tile_size_um']:g} µm" if "tile_size_um" in features else "")
+    )
+    if not features.get("sites_agree", True):
+        text += f"; **the sites disagree**: {features.get('sites')}"
+    elif not features.get("files_agree", True):
+        text += "; **some files of a site state otherwise**"
+    return text
 
 
 def render_model_card(card: dict[str, Any]) -> str:
@@ -237,6 +200,7 @@ def render_model_card(card: dict[str, Any]) -> str:
         if card.get("model_file")
         else f"- weights: none, no site trained; round log: `{card['round_log']}`",
         f"- fedpath {card['fedpath_version']}, Flower {card['flwr_version']}",
+        f"- features: {describe_features(card.get('features') or {})}",
         f"- presented weights: {card['selection']} (rule: {card.get('selection_rule')})"
         if card.get("selection")
         else "- presented weights: none",

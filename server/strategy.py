@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedpath.common.runconfig import (
+    FEATURES_PREFIX,
     POLICY_REFUSED,
     PRIVACY_EXHAUSTED,
     PRIVACY_METRICS,
@@ -61,6 +62,7 @@ class SiteRound:
     bytes_received: int = 0
     train: dict[str, float] = field(default_factory=dict)
     evaluate: dict[str, float] = field(default_factory=dict)
+    features: dict[str, str | int | float] = field(default_factory=dict)  # what its features state
 
 
 @dataclass
@@ -102,6 +104,7 @@ class RoundRecord:
                     "bytes_received": s.bytes_received,
                     "train": s.train,
                     "evaluate": s.evaluate,
+                    **({"features": s.features} if s.features else {}),
                 }
                 for name, s in sorted(self.sites.items())
             },
@@ -141,6 +144,18 @@ def site_of(msg: Message, known: dict[int, str]) -> str:
             known[node] = name
             return name
     return known.get(node, f"node-{node}")
+
+
+def stated_features(msg: Message) -> dict[str, str | int | float]:
+    """What a reply says the site's features were made with (encoder, weights checksum, tile size)."""
+    record = msg.content.config_records.get(SITE_RECORD) if not msg.has_error() else None
+    if record is None:
+        return {}
+    return {
+        str(k)[len(FEATURES_PREFIX) :]: v
+        for k, v in record.items()
+        if str(k).startswith(FEATURES_PREFIX) and isinstance(v, str | int | float)
+    }
 
 
 def _metrics(msg: Message) -> dict[str, float]:
@@ -251,6 +266,7 @@ class GuardedFedProx(FedProx):
                 continue
             entry.bytes_received += message_bytes(msg)
             entry.train = _metrics(msg)
+            entry.features = stated_features(msg)
             problems = reply_problems(msg, self.reference)
             if problems:
                 self._refuse(r, site, entry, "rejected", "update rejected: " + "; ".join(problems))

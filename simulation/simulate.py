@@ -50,6 +50,7 @@ def federation_config(manifest: str | Path, *, run_dir: Path, **settings: Any) -
     return RunConfig(
         in_dim=in_dim,
         num_classes=m.num_classes,
+        classes=",".join(m.classes),
         manifest=str(Path(manifest).resolve()),
         run_dir=str(run_dir.resolve()),
         **settings,

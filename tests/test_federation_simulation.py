@@ -46,7 +46,7 @@ def federation_full_run(
 
 
 def test_uninterrupted_run_writes_checkpoints_log_model_and_card(
-    federation_full_run: SimulationResult,
+    federation_full_run: SimulationResult, federation_shift_cohort: Path
 ) -> None:
     folder = RunFolder(federation_full_run.run_dir)
     assert folder.checkpoint_rounds() == [1, 2, 3]
@@ -67,6 +67,12 @@ def test_uninterrupted_run_writes_checkpoints_log_model_and_card(
     for name, tensor in saved.items():
         torch.testing.assert_close(final.state_dict[name], tensor)
     assert f"round {best} of {ROUNDS}: lowest validation loss" in card
+    # what the sites' features state they were made with travels into the model (for `fedpath predict`)
+    assert final.features["encoder"] == "synthetic" and final.features["weights_sha256"] == "synthetic"
+    assert final.features["sites_agree"] is True and "features: encoder `synthetic`" in card
+    assert all(line["sites"]["site-A"]["features"]["encoder"] == "synthetic" for line in lines)
+    # and the class labels, in index order, are the run's (a site with other labels is refused)
+    assert final.config["classes"] == ",".join(load_manifest(federation_shift_cohort).classes) != ""
 
 
 def test_resumed_run_equals_uninterrupted_run(

@@ -84,5 +84,7 @@ def test_more_than_26_sites_get_distinct_names() -> None:
     from fedpath.simulation.synth import SynthConfig, site_names
 
     names = site_names(40)
-    assert len(set(names)) == 40 and names[25] == "site-Z" and names[26] == "site-AA" and names[39] == "site-AN"
+    assert (
+        len(set(names)) == 40 and names[25] == "site-Z" and names[26] == "site-AA" and names[39] == "site-AN"
+    )
     assert SynthConfig(sites=40).sites == 40

@@ -1,0 +1,280 @@
+"""Apply a finished model to a hospital's patients, offline, at the site: `fedpath predict`.
+
+Input: a model (a run folder's ``model.pt``, or any checkpoint file) and the slides' feature files, named by a
+manifest (slide, patient, site, label: the labels are used for nothing but the evaluation columns) or found in
+a folder (fedpath, STAMP or CLAM/TRIDENT layout; each file a slide and its own patient). Output, written only
+after every input was checked: ``predictions.csv`` with one row per slide and one per patient (a patient's
+slides pooled into one bag, as in training), one probability column per class named by its label, the
+predicted class and its uncertainty (1 − the highest probability), and the model's identity (run folder, round,
+SHA-256 of the model file) in every row; ``predict.json`` with the same identity, the inputs and what was
+allowed. Features made with another encoder, weights or tile size than the model's training features are
+refused, naming the slide and both values, unless the user allows it (recorded).
+
+Nothing here leaves the site: it reads local files and writes into the given folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedpath.common.atomic import write_text_atomic
+from fedpath.common.features import (
+    FeatureFileError,
+    FeatureFileInfo,
+    inspect_features,
+    provenance,
+    provenance_mismatch,
+    read_features,
+)
+from fedpath.common.manifest import load_manifest
+from fedpath.common.modelfile import Checkpoint, RunFolderError, load_model
+
+FEATURE_SUFFIXES = (".h5", ".hdf5")
+PREDICTIONS = "predictions.csv"
+SUMMARY = "predict.json"
+
+
+class PredictError(ValueError):
+    """Input that cannot be predicted on; the message names the file (and slide) and what to do."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to apply, with what identifies it and what it was trained on."""
+
+    model: nn.Module
+    checkpoint: Checkpoint
+    path: Path  # the model file
+    sha256: str  # of the model file's bytes
+    classes: list[str]  # class labels in index order
+
+    @property
+    def run(self) -> str:
+        return self.path.parent.name
+
+    def identity(self) -> dict[str, Any]:
+        return {"model_run": self.run, "model_round": self.checkpoint.round, "model_sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class Slide:
+    slide_id: str
+    patient_id: str
+    features: Path
+    label: str | None = None  # known label (manifest), for evaluation only
+    slide_path: Path | None = None  # the whole-slide image, when known (heatmaps)
+
+
+@dataclass
+class SlideScores:
+    """What the model computed for one bag (a slide, or a patient's slides): probabilities, tiles' attention."""
+
+    probs: np.ndarray  # (C,)
+    attention: np.ndarray  # (N,) over the bag's tiles, sums to 1
+    evidence: dict[str, np.ndarray] = field(default_factory=dict)  # class label -> (N,) class-specific map
+
+
+def load_for_prediction(path: Path) -> LoadedModel:
+    """The model of a run folder (its ``model.pt``) or of a model/checkpoint file."""
+    file = path / "model.pt" if path.is_dir() else path
+    if not file.is_file():
+        hint = (
+            " (a run folder without model.pt: its run has not finished, or no site trained)"
+            if path.is_dir()
+            else ""
+        )
+        raise PredictError(f"{file}: no model file{hint}")
+    try:
+        model, ckpt = load_model(file)
+    except (RunFolderError, KeyError, RuntimeError, ValueError) as err:
+        raise PredictError(f"{file}: not a fedpath model file ({err})") from err
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    num_classes = int(ckpt.config.get("num_classes", 2))
+    stated = [c for c in str(ckpt.config.get("classes") or "").split(",") if c]
+    classes = stated if len(stated) == num_classes else [str(i) for i in range(num_classes)]
+    return LoadedModel(model, ckpt, file.resolve(), digest, classes)
+
+
+def slides_from_manifest(manifest: Path) -> list[Slide]:
+    m = load_manifest(manifest)
+    missing = [s for s in m.slides if s.features is None]
+    if missing:
+        raise PredictError(
+            f"{manifest}: line {missing[0].line}, slide '{missing[0].slide_id}' has no features path; "
+            "run `fedpath extract` first or fill the 'features' column"
+        )
+    return [
+        Slide(s.slide_id, s.patient_id, s.features, s.label, s.slide)  # type: ignore[arg-type]
+        for s in m.slides
+    ]
+
+
+def slides_from_folder(folder: Path, slides_dir: Path | None = None) -> list[Slide]:
+    """Every feature file in `folder` (not recursive) as a slide of its own patient, named by its file stem;
+    the whole-slide image is looked up in `slides_dir` by the same stem (any extension)."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in FEATURE_SUFFIXES)
+    if not files:
+        raise PredictError(f"{folder}: no feature files (*.h5) in this folder")
+    images = {}
+    if slides_dir is not None:
+        images = {
+            p.stem: p
+            for p in sorted(slides_dir.iterdir())
+            if p.is_file() and p.suffix.lower() not in FEATURE_SUFFIXES
+        }
+    return [Slide(p.stem, p.stem, p, None, images.get(p.stem)) for p in files]
+
+
+def check_inputs(
+    loaded: LoadedModel, slides: Sequence[Slide], *, allow_mismatch: bool
+) -> tuple[dict[str, FeatureFileInfo], dict[str, list[str]]]:
+    """Headers of every slide's feature file, checked against the model before anything is computed: readable,
+    at least one tile, the model's feature dimension, and the encoder/weights/tile size the model's training
+    features stated. Returns the headers and, when allowed, the mismatches (slide -> differences)."""
+    in_dim = int(loaded.checkpoint.config["in_dim"])
+    expected = loaded.checkpoint.features
+    seen: dict[str, Slide] = {}
+    infos: dict[str, FeatureFileInfo] = {}
+    mismatches: dict[str, list[str]] = {}
+    for slide in slides:
+        if slide.slide_id in seen:
+            raise PredictError(
+                f"slide '{slide.slide_id}' is listed twice ({seen[slide.slide_id].features}, {slide.features})"
+            )
+        seen[slide.slide_id] = slide
+        try:
+            info = inspect_features(slide.features)
+        except FeatureFileError as err:
+            raise PredictError(f"slide '{slide.slide_id}': {err}") from err
+        if info.n_tiles < 1:
+            raise PredictError(f"slide '{slide.slide_id}': {slide.features} holds no tiles; re-extract it")
+        if info.dim != in_dim:
+            raise PredictError(
+                f"slide '{slide.slide_id}': {slide.features} has {info.dim}-dimensional features but the model "
+                f"takes {in_dim}: extract with the model's encoder"
+            )
+        differ = provenance_mismatch(expected, provenance(info))
+        if differ and not allow_mismatch:
+            raise PredictError(
+                f"slide '{slide.slide_id}' ({slide.features}) was not made like the model's training features: "
+                f"{'; '.join(differ)}. Re-extract with the model's encoder, or pass --allow-encoder-mismatch "
+                "(recorded in predict.json) if you know they are equivalent"
+            )
+        if differ:
+            mismatches[slide.slide_id] = differ
+        infos[slide.slide_id] = info
+    return infos, mismatches
+
+
+def score_bag(model: nn.Module, features: np.ndarray, *, evidence: bool = False) -> SlideScores:
+    """Probabilities and attention of one bag; with `evidence`, per class the tiles' attention × gradient map:
+    a tile's attention times its positive gradient × input evidence for that class's logit (zero where the
+    tile speaks against the class)."""
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))[None]
+    mask = torch.ones(x.shape[:2], dtype=torch.bool)
+    if not evidence:
+        with torch.no_grad():
+            out = model(x, mask)
+        return SlideScores(torch.softmax(out.logits, -1)[0].numpy(), out.attention[0].numpy())
+    x.requires_grad_(True)
+    out = model(x, mask)
+    attention = out.attention[0].detach().numpy()
+    maps = {}
+    for k in range(out.logits.shape[-1]):
+        (grad,) = torch.autograd.grad(out.logits[0, k], x, retain_graph=True)
+        contribution = (grad[0] * x[0]).sum(-1).detach().numpy()
+        maps[str(k)] = attention * np.maximum(contribution, 0.0)
+    return SlideScores(torch.softmax(out.logits.detach(), -1)[0].numpy(), attention, maps)
+
+
+def _rows(
+    loaded: LoadedModel,
+    level: str,
+    patient: str,
+    slide: str,
+    tiles: int,
+    label: str | None,
+    probs: np.ndarray,
+) -> dict[str, Any]:
+    k = int(np.argmax(probs))
+    return {
+        "level": level,
+        "patient_id": patient,
+        "slide_id": slide,
+        "tiles": tiles,
+        **{f"prob_{c}": f"{float(p):.6f}" for c, p in zip(loaded.classes, probs, strict=True)},
+        "predicted": loaded.classes[k],
+        "uncertainty": f"{1.0 - float(probs[k]):.6f}",
+        "label": "" if label is None else label,
+        **loaded.identity(),
+    }
+
+
+def predict_slides(
+    loaded: LoadedModel,
+    slides: Sequence[Slide],
+    *,
+    on_slide: Callable[[Slide, np.ndarray, np.ndarray, SlideScores], None] | None = None,
+    progress: Callable[[int], object] | None = None,
+    evidence: bool = False,
+) -> list[dict[str, Any]]:
+    """Rows of predictions.csv: every slide, then every patient (all its slides' tiles in one bag, as in
+    training). `on_slide(slide, coords_px, features, scores)` sees each slide's scores (heatmaps)."""
+    model = loaded.model.eval()
+    rows: list[dict[str, Any]] = []
+    by_patient: dict[str, list[tuple[Slide, np.ndarray, np.ndarray]]] = {}
+    for slide in slides:
+        tiles = read_features(slide.features)
+        scores = score_bag(model, tiles.features, evidence=evidence)
+        rows.append(
+            _rows(
+                loaded,
+                "slide",
+                slide.patient_id,
+                slide.slide_id,
+                len(tiles.features),
+                slide.label,
+                scores.probs,
+            )
+        )
+        by_patient.setdefault(slide.patient_id, []).append((slide, tiles.features, scores.probs))
+        if on_slide is not None:
+            coords = (
+                tiles.coords_px
+                if tiles.coords_px is not None
+                else np.zeros((len(tiles.features), 2), np.int64)
+            )
+            on_slide(slide, coords, tiles.features, scores)
+        if progress is not None:
+            progress(1)
+    for patient, parts in by_patient.items():
+        tiles_of = [f for _, f, _ in parts]
+        # one slide: the patient's bag is that slide's; several: their tiles pooled into one bag
+        probs = parts[0][2] if len(parts) == 1 else score_bag(model, np.concatenate(tiles_of)).probs
+        labels = {s.label for s, _, _ in parts}
+        label = labels.pop() if len(labels) == 1 else None
+        rows.append(_rows(loaded, "patient", patient, "", sum(len(f) for f in tiles_of), label, probs))
+    return rows
+
+
+def write_outputs(out: Path, rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> tuple[Path, Path]:
+    """predictions.csv and predict.json, each written whole or not at all."""
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out / PREDICTIONS, buffer.getvalue())
+    write_text_atomic(out / SUMMARY, json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    return out / PREDICTIONS, out / SUMMARY

@@ -1,0 +1,183 @@
+"""`fedpath predict --model RUN --manifest M | --features DIR --out OUT`: apply a finished model at a site.
+
+Only argparse at import: torch loads inside `_run`, so ``fedpath --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from fedpath.common.cli import Command, UserError
+
+DESCRIPTION = (
+    "Apply a finished model to patients at this site, offline. Writes OUT/predictions.csv (a row per slide and "
+    "per patient: a probability per class, the predicted class, its uncertainty, the model's run, round and "
+    "SHA-256) and OUT/predict.json; with --heatmaps, per slide where the slide file is reachable: an attention "
+    "map over the thumbnail (PNG), the top and bottom tiles (JPEG), and every tile's scores as GeoJSON for "
+    "QuPath. Features made with another encoder, weights or tile size than the model's are refused. "
+    "Example: fedpath predict --model runs/fed --features feats/features --out preds/ --heatmaps --slides slides/"
+)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(slides=None, manifest=None, features=None, allow_encoder_mismatch=False, heatmaps=False)
+    hide = argparse.SUPPRESS
+    p.add_argument(
+        "--model", type=Path, required=True, default=hide, help="run folder (its model.pt) or model file"
+    )
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument(
+        "--manifest", type=Path, help="cohort manifest: slide, patient, site, label, features, slide"
+    )
+    given.add_argument(
+        "--features", type=Path, help="folder of feature files: each a slide and its own patient"
+    )
+    p.add_argument(
+        "--slides", type=Path, help="with --features: folder of the whole-slide images (for --heatmaps)"
+    )
+    p.add_argument("--out", type=Path, required=True, default=hide, help="output folder")
+    p.add_argument(
+        "--heatmaps", action="store_true", help="attention heatmaps, top/bottom tiles and GeoJSON per slide"
+    )
+    p.add_argument("--top-k", type=int, default=8, help="tiles in each of the top and bottom galleries")
+    p.add_argument(
+        "--allow-encoder-mismatch",
+        action="store_true",
+        help="predict on features whose encoder, weights or tile size differ from the model's (recorded)",
+    )
+
+
+def _tile_side_px(info: Any) -> int:
+    """A tile's side in level-0 pixels: its physical size over the slide's µm/px where both are known."""
+    if info.tile_size_um and info.slide_mpp:
+        return max(1, round(info.tile_size_um / info.slide_mpp))
+    if info.tile_size_px:
+        return int(info.tile_size_px)
+    raise UserError(f"{info.path}: states neither its tile size in µm with the slide's µm/px nor in pixels")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fedpath.client.extract_cli import prepare_environment
+
+    prepare_environment()
+    from tqdm import tqdm
+
+    from fedpath.client import predict as pr
+    from fedpath.common.manifest import ManifestError
+
+    if args.top_k < 1:
+        raise UserError("--top-k must be at least 1")
+    if args.slides is not None and args.features is None:
+        raise UserError("--slides goes with --features (a manifest names each slide in its 'slide' column)")
+    try:
+        loaded = pr.load_for_prediction(args.model)
+        if args.manifest is not None:
+            slides = pr.slides_from_manifest(args.manifest)
+        else:
+            if not args.features.is_dir():
+                raise UserError(f"--features {args.features}: not a folder")
+            slides = pr.slides_from_folder(args.features, args.slides)
+        infos, mismatches = pr.check_inputs(loaded, slides, allow_mismatch=args.allow_encoder_mismatch)
+    except (pr.PredictError, ManifestError) as err:
+        raise UserError(str(err)) from err
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out}: exists and is not a folder")
+    for slide, differ in mismatches.items():
+        print(
+            f"WARNING: slide '{slide}': {'; '.join(differ)} (allowed by --allow-encoder-mismatch)",
+            file=sys.stderr,
+        )
+
+    drawn: dict[str, dict[str, str | None]] = {}
+    on_slide = None
+    if args.heatmaps:
+        from fedpath.client.heatmaps import write_heatmaps
+
+        def on_slide(slide: Any, coords: Any, _features: Any, scores: Any) -> None:
+            info = infos[slide.slide_id]
+            maps = {"attention": scores.attention}
+            k = int(scores.probs.argmax())
+            label = loaded.classes[k]
+            maps[f"attention_x_gradient_{label}"] = scores.evidence[str(k)]
+            files = write_heatmaps(
+                args.out / "heatmaps",
+                slide.slide_id,
+                coords,
+                _tile_side_px(info),
+                maps,
+                slide.slide_path,
+                top_k=args.top_k,
+                title=f"{slide.slide_id}: predicted {label} (p = {float(scores.probs[k]):.2f})",
+            )
+            drawn[slide.slide_id] = {
+                "png": None if files.png is None else str(files.png),
+                "geojson": str(files.geojson),
+                "gallery": None if files.gallery is None else str(files.gallery),
+            }
+
+    with tqdm(total=len(slides), unit="slide", desc="predict", disable=None) as bar:
+        rows = pr.predict_slides(
+            loaded,
+            slides,
+            on_slide=on_slide,
+            progress=bar.update,
+            evidence=args.heatmaps,
+        )
+    summary = {
+        **loaded.identity(),
+        "model_file": str(loaded.path),
+        "classes": loaded.classes,
+        "training_features": loaded.checkpoint.features,
+        "input": str((args.manifest or args.features).resolve()),
+        "slides": len(slides),
+        "patients": sum(1 for r in rows if r["level"] == "patient"),
+        "allow_encoder_mismatch": bool(args.allow_encoder_mismatch),
+        "encoder_mismatches": mismatches,
+        "heatmaps": drawn,
+        "calibration": "none: the probabilities are the model's own (no temperature or conformal calibration yet)",
+    }
+    csv_path, json_path = pr.write_outputs(args.out, rows, summary)
+    patients = [r for r in rows if r["level"] == "patient"]
+    counts = Counter(r["predicted"] for r in patients)
+    print(
+        f"{len(slides)} slides, {len(patients)} patients; predicted "
+        + ", ".join(f"{c}: {counts.get(c, 0)}" for c in loaded.classes)
+        + f"\nmodel: {loaded.path} (run {loaded.run}, round {loaded.checkpoint.round}, sha256 {loaded.sha256[:12]}…)"
+    )
+    _print_evaluation(patients, loaded.classes)
+    if args.heatmaps:
+        reachable = sum(1 for d in drawn.values() if d["png"])
+        print(
+            f"heatmaps: {reachable} of {len(drawn)} slides drawn over the slide (others: GeoJSON only) in {args.out / 'heatmaps'}"
+        )
+    print(f"outputs: {csv_path}, {json_path}")
+    return 0
+
+
+def _print_evaluation(patients: list[dict[str, Any]], classes: list[str]) -> None:
+    """With known labels (a manifest), patient-level AUROC: a check that the model works here."""
+    import numpy as np
+
+    from fedpath.common.metrics import auroc
+
+    known = [r for r in patients if r["label"] in classes]
+    if len(known) < 2:
+        return
+    labels = np.array([classes.index(r["label"]) for r in known])
+    probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in known])
+    value = auroc(labels, probs if len(classes) > 2 else probs[:, 1])
+    if np.isfinite(value):
+        print(f"patients with a known label: {len(known)}, AUROC {value:.3f}")
+
+
+COMMAND = Command(
+    name="predict",
+    help="site: apply a finished model to patients (probabilities, uncertainty, heatmaps)",
+    add_arguments=_add_arguments,
+    run=_run,
+    description=DESCRIPTION,
+)
