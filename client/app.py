@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
@@ -65,6 +66,7 @@ from fedpath.client.site import (
     resolve_site,
 )
 from fedpath.client.training import TrainConfig, local_config, predict, summarize, train_epochs
+from fedpath.common.calibration import site_statistics
 from fedpath.common.features import FeatureFileError
 from fedpath.common.manifest import ManifestError
 from fedpath.common.mil import create_mil
@@ -85,7 +87,13 @@ from fedpath.common.runconfig import (
     round_seed,
 )
 from fedpath.common.standardize import moments_of
-from fedpath.common.wire import MOMENTS_COUNT, load_arrays, model_to_arrays, moments_to_arrays
+from fedpath.common.wire import (
+    MOMENTS_COUNT,
+    calibration_to_arrays,
+    load_arrays,
+    model_to_arrays,
+    moments_to_arrays,
+)
 
 app = ClientApp()
 logger = logging.getLogger(__name__)
@@ -334,6 +342,36 @@ def statistics(msg: Message, context: Context) -> Message:
         site_log(context).info(
             "sent feature statistics (tile count, per-dimension sums) over %d training patients, run %s",
             len(site.train),
+            context.run_id,
+        )
+    return _reply(msg, site, MetricRecord(metrics), arrays)  # type: ignore[arg-type]
+
+
+@app.query("calibration")
+@reply_without_detail
+def calibration(msg: Message, context: Context) -> Message:
+    """Aggregates for the calibration the sites agree on (`fedpath.common.calibration`), over this site's
+    validation patients with the weights the coordinator sends (the presented model): per temperature of a
+    fixed grid, a summed NLL and a histogram of nonconformity scores; never a patient's score. Only with at
+    least k validation patients and never in a run with per-patient DP (its accounting does not cover them);
+    otherwise the reply holds the patient count alone. A run the site's policy refuses gets ``POLICY_REFUSED``
+    before anything is read."""
+    run = RunConfig.from_flower(context.run_config)
+    try:
+        SitePolicy.from_node_config(context.node_config).check_run(run, 0)
+    except PolicyRefused as err:
+        return _refused(msg, context, POLICY_REFUSED, err.reason)
+    run, site, model = _site_and_model(msg, context)
+    metrics: dict[str, int | float] = {WEIGHT_KEY: len(site.val)}
+    arrays = None
+    if not run.private and site.val and len(site.val) >= min_report_patients(context.node_config):
+        scored = predict(model, site.val)
+        # log-probabilities are the logits up to a constant per patient, which softmax(z / T) ignores
+        nll, histogram = site_statistics(np.log(np.clip(scored.probs, 1e-12, 1.0)), scored.labels)
+        arrays = calibration_to_arrays(nll, histogram)
+        site_log(context).info(
+            "sent calibration aggregates (NLL sums, score histograms) over %d validation patients, run %s",
+            len(site.val),
             context.run_id,
         )
     return _reply(msg, site, MetricRecord(metrics), arrays)  # type: ignore[arg-type]

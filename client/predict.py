@@ -6,7 +6,9 @@ a folder (fedpath, STAMP or CLAM/TRIDENT layout; each file a slide and its own p
 after every input was checked: ``predictions.csv`` with one row per slide and one per patient (a patient's
 slides pooled into one bag, as in training), one probability column per class named by its label, the
 predicted class and its uncertainty (1 − the highest probability), and the model's identity (run folder, round,
-SHA-256 of the model file) in every row; ``predict.json`` with the same identity, the inputs and what was
+SHA-256 of the model file) in every row, and, when the model carries the calibration its sites agreed on
+(`fedpath.common.calibration`), temperature-scaled probabilities, a conformal prediction set and an
+``abstain`` flag (the set is not a single class); ``predict.json`` with the same identity, the inputs and what was
 allowed. Features made with another encoder, weights or tile size than the model's training features are
 refused, naming the slide and both values, unless the user allows it (recorded).
 
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from fedpath.common.atomic import write_text_atomic
+from fedpath.common.calibration import Calibration, prediction_sets
 from fedpath.common.features import (
     FeatureFileError,
     FeatureFileInfo,
@@ -58,6 +61,7 @@ class LoadedModel:
     path: Path  # the model file
     sha256: str  # of the model file's bytes
     classes: list[str]  # class labels in index order
+    calibration: Calibration | None = None  # temperature and conformal threshold the sites agreed on
 
     @property
     def run(self) -> str:
@@ -103,7 +107,8 @@ def load_for_prediction(path: Path) -> LoadedModel:
     num_classes = int(ckpt.config.get("num_classes", 2))
     stated = [c for c in str(ckpt.config.get("classes") or "").split(",") if c]
     classes = stated if len(stated) == num_classes else [str(i) for i in range(num_classes)]
-    return LoadedModel(model, ckpt, file.resolve(), digest, classes)
+    calibration = Calibration.from_dict(ckpt.calibration) if ckpt.calibration else None
+    return LoadedModel(model, ckpt, file.resolve(), digest, classes, calibration)
 
 
 def slides_from_manifest(manifest: Path) -> list[Slide]:
@@ -177,16 +182,18 @@ def check_inputs(
     return infos, mismatches
 
 
-def score_bag(model: nn.Module, features: np.ndarray, *, evidence: bool = False) -> SlideScores:
-    """Probabilities and attention of one bag; with `evidence`, per class the tiles' attention × gradient map:
-    a tile's attention times its positive gradient × input evidence for that class's logit (zero where the
-    tile speaks against the class)."""
+def score_bag(
+    model: nn.Module, features: np.ndarray, *, evidence: bool = False, temperature: float = 1.0
+) -> SlideScores:
+    """Probabilities softmax(logits / temperature) and attention of one bag; with `evidence`, per class the
+    tiles' attention × gradient map: a tile's attention times its positive gradient × input evidence for that
+    class's logit (zero where the tile speaks against the class)."""
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))[None]
     mask = torch.ones(x.shape[:2], dtype=torch.bool)
     if not evidence:
         with torch.no_grad():
             out = model(x, mask)
-        return SlideScores(torch.softmax(out.logits, -1)[0].numpy(), out.attention[0].numpy())
+        return SlideScores(torch.softmax(out.logits / temperature, -1)[0].numpy(), out.attention[0].numpy())
     x.requires_grad_(True)
     out = model(x, mask)
     attention = out.attention[0].detach().numpy()
@@ -195,28 +202,38 @@ def score_bag(model: nn.Module, features: np.ndarray, *, evidence: bool = False)
         (grad,) = torch.autograd.grad(out.logits[0, k], x, retain_graph=True)
         contribution = (grad[0] * x[0]).sum(-1).detach().numpy()
         maps[str(k)] = attention * np.maximum(contribution, 0.0)
-    return SlideScores(torch.softmax(out.logits.detach(), -1)[0].numpy(), attention, maps)
+    probs = torch.softmax(out.logits.detach() / temperature, -1)[0].numpy()
+    return SlideScores(probs, attention, maps)
 
 
-def _rows(
-    loaded: LoadedModel,
-    level: str,
-    patient: str,
-    slide: str,
-    tiles: int,
-    label: str | None,
-    probs: np.ndarray,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Row:
+    level: str
+    patient: str
+    slide: str
+    tiles: int
+    label: str | None
+
+
+def _row(loaded: LoadedModel, what: _Row, probs: np.ndarray, threshold: float | None) -> dict[str, Any]:
     k = int(np.argmax(probs))
+    if threshold is None:  # an uncalibrated model: no prediction set, no abstention
+        chosen, abstain = "", ""
+    else:
+        members = prediction_sets(probs, threshold)[0]
+        chosen = "|".join(loaded.classes[c] for c in members)
+        abstain = "false" if len(members) == 1 else "true"
     return {
-        "level": level,
-        "patient_id": patient,
-        "slide_id": slide,
-        "tiles": tiles,
+        "level": what.level,
+        "patient_id": what.patient,
+        "slide_id": what.slide,
+        "tiles": what.tiles,
         **{f"prob_{c}": f"{float(p):.6f}" for c, p in zip(loaded.classes, probs, strict=True)},
         "predicted": loaded.classes[k],
         "uncertainty": f"{1.0 - float(probs[k]):.6f}",
-        "label": "" if label is None else label,
+        "prediction_set": chosen,
+        "abstain": abstain,
+        "label": "" if what.label is None else what.label,
         **loaded.identity(),
     }
 
@@ -228,43 +245,39 @@ def predict_slides(
     on_slide: Callable[[Slide, np.ndarray, np.ndarray, SlideScores], None] | None = None,
     progress: Callable[[int], object] | None = None,
     evidence: bool = False,
+    coverage: float | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of predictions.csv: every slide, then every patient (all its slides' tiles in one bag, as in
-    training). `on_slide(slide, coords_px, features, scores)` sees each slide's scores (heatmaps)."""
+    training), with the model's calibration when it has one (`coverage`: of the prediction sets, default the
+    model's). `on_slide(slide, coords_px, features, scores)` sees each slide's scores (heatmaps)."""
     model = loaded.model.eval()
+    cal = loaded.calibration
+    temperature = 1.0 if cal is None else cal.temperature
+    threshold = None if cal is None else cal.threshold_for(coverage or cal.coverage)
     rows: list[dict[str, Any]] = []
     by_patient: dict[str, list[tuple[Slide, np.ndarray, np.ndarray]]] = {}
     for slide in slides:
         tiles = read_features(slide.features)
-        scores = score_bag(model, tiles.features, evidence=evidence)
-        rows.append(
-            _rows(
-                loaded,
-                "slide",
-                slide.patient_id,
-                slide.slide_id,
-                len(tiles.features),
-                slide.label,
-                scores.probs,
-            )
-        )
+        scores = score_bag(model, tiles.features, evidence=evidence, temperature=temperature)
+        what = _Row("slide", slide.patient_id, slide.slide_id, len(tiles.features), slide.label)
+        rows.append(_row(loaded, what, scores.probs, threshold))
         by_patient.setdefault(slide.patient_id, []).append((slide, tiles.features, scores.probs))
         if on_slide is not None:
-            coords = (
-                tiles.coords_px
-                if tiles.coords_px is not None
-                else np.zeros((len(tiles.features), 2), np.int64)
+            missing = np.zeros((len(tiles.features), 2), np.int64)
+            on_slide(
+                slide, tiles.coords_px if tiles.coords_px is not None else missing, tiles.features, scores
             )
-            on_slide(slide, coords, tiles.features, scores)
         if progress is not None:
             progress(1)
     for patient, parts in by_patient.items():
         tiles_of = [f for _, f, _ in parts]
         # one slide: the patient's bag is that slide's; several: their tiles pooled into one bag
-        probs = parts[0][2] if len(parts) == 1 else score_bag(model, np.concatenate(tiles_of)).probs
+        pooled = np.concatenate(tiles_of) if len(parts) > 1 else None
+        probs = parts[0][2] if pooled is None else score_bag(model, pooled, temperature=temperature).probs
         labels = {s.label for s, _, _ in parts}
         label = labels.pop() if len(labels) == 1 else None
-        rows.append(_rows(loaded, "patient", patient, "", sum(len(f) for f in tiles_of), label, probs))
+        what = _Row("patient", patient, "", sum(len(f) for f in tiles_of), label)
+        rows.append(_row(loaded, what, probs, threshold))
     return rows
 
 

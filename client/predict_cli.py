@@ -24,7 +24,9 @@ DESCRIPTION = (
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.set_defaults(slides=None, manifest=None, features=None, allow_encoder_mismatch=False, heatmaps=False)
+    p.set_defaults(
+        slides=None, manifest=None, features=None, allow_encoder_mismatch=False, heatmaps=False, coverage=None
+    )
     hide = argparse.SUPPRESS
     p.add_argument(
         "--model", type=Path, required=True, default=hide, help="run folder (its model.pt) or model file"
@@ -44,6 +46,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--heatmaps", action="store_true", help="attention heatmaps, top/bottom tiles and GeoJSON per slide"
     )
     p.add_argument("--top-k", type=int, default=8, help="tiles in each of the top and bottom galleries")
+    p.add_argument("--coverage", type=float, help="of the prediction sets (default: the model's, 0.9)")
     p.add_argument(
         "--allow-encoder-mismatch",
         action="store_true",
@@ -71,6 +74,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise UserError("--top-k must be at least 1")
+    if args.coverage is not None and not 0 < args.coverage < 1:
+        raise UserError(f"--coverage must be between 0 and 1 (e.g. 0.9), got {args.coverage}")
     if args.slides is not None and args.features is None:
         raise UserError("--slides goes with --features (a manifest names each slide in its 'slide' column)")
     try:
@@ -111,7 +116,7 @@ def _run(args: argparse.Namespace) -> int:
                 maps,
                 slide.slide_path,
                 top_k=args.top_k,
-                title=f"{slide.slide_id}: predicted {label} (p = {float(scores.probs[k]):.2f})",
+                title=f"predicted {label} (p = {float(scores.probs[k]):.2f})",
             )
             drawn[slide.slide_id] = {
                 "png": None if files.png is None else str(files.png),
@@ -126,6 +131,7 @@ def _run(args: argparse.Namespace) -> int:
             on_slide=on_slide,
             progress=bar.update,
             evidence=args.heatmaps,
+            coverage=args.coverage,
         )
     summary = {
         **loaded.identity(),
@@ -138,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
         "allow_encoder_mismatch": bool(args.allow_encoder_mismatch),
         "encoder_mismatches": mismatches,
         "heatmaps": drawn,
-        "calibration": "none: the probabilities are the model's own (no temperature or conformal calibration yet)",
+        "calibration": _calibration_summary(loaded, args.coverage),
     }
     csv_path, json_path = pr.write_outputs(args.out, rows, summary)
     patients = [r for r in rows if r["level"] == "patient"]
@@ -148,6 +154,15 @@ def _run(args: argparse.Namespace) -> int:
         + ", ".join(f"{c}: {counts.get(c, 0)}" for c in loaded.classes)
         + f"\nmodel: {loaded.path} (run {loaded.run}, round {loaded.checkpoint.round}, sha256 {loaded.sha256[:12]}…)"
     )
+    if loaded.calibration is not None:
+        abstained = sum(1 for r in patients if r["abstain"] == "true")
+        print(
+            f"calibrated: temperature {loaded.calibration.temperature:.3g}; prediction sets at "
+            f"{100 * (args.coverage or loaded.calibration.coverage):.0f} % coverage; abstained on {abstained} of "
+            f"{len(patients)} patients"
+        )
+    else:
+        print("not calibrated: the model carries no calibration; no prediction sets")
     _print_evaluation(patients, loaded.classes)
     if args.heatmaps:
         reachable = sum(1 for d in drawn.values() if d["png"])
@@ -156,6 +171,22 @@ def _run(args: argparse.Namespace) -> int:
         )
     print(f"outputs: {csv_path}, {json_path}")
     return 0
+
+
+def _calibration_summary(loaded: Any, coverage: float | None) -> dict[str, Any] | str:
+    cal = loaded.calibration
+    if cal is None:
+        return (
+            "none: the model carries no calibration (a DP run, or an older model); probabilities are its own"
+        )
+    chosen = coverage or cal.coverage
+    return {
+        "temperature": cal.temperature,
+        "coverage": chosen,
+        "threshold": cal.threshold_for(chosen),
+        "calibration_patients": cal.patients,
+        "calibration_sites": cal.sites,
+    }
 
 
 def _print_evaluation(patients: list[dict[str, Any]], classes: list[str]) -> None:

@@ -35,6 +35,8 @@ class Checkpoint:
     trained_rounds: int | None = None
     # the training sites' feature provenance (encoder, weights_sha256, tile_size_px, tile_size_um); {} unknown
     features: dict[str, Any] = field(default_factory=dict)
+    # temperature and conformal threshold the sites agreed on (`fedpath.common.calibration`); {} none
+    calibration: dict[str, Any] = field(default_factory=dict)
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
@@ -47,6 +49,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
                 "seeds": ckpt.seeds,
                 "trained_rounds": ckpt.trained_rounds,
                 "features": ckpt.features,
+                "calibration": ckpt.calibration,
             },
             tmp,
         )
@@ -68,6 +71,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         dict(data["seeds"]),
         None if trained is None else int(trained),
         dict(data.get("features") or {}),
+        dict(data.get("calibration") or {}),
     )
 
 

@@ -82,3 +82,41 @@ def moments_from_reply(arrays: ArrayRecord, metrics: MetricRecord, dim: int) -> 
     if (squares < 0).any():
         raise ValueError(f"{MOMENTS_SQUARES!r} holds negative values")
     return FeatureMoments(int(count), total.astype(np.float64), squares.astype(np.float64))
+
+
+CALIBRATION_NLL = "calibration-nll"
+CALIBRATION_HISTOGRAM = "calibration-histogram"
+
+
+def calibration_to_arrays(nll: np.ndarray, histogram: np.ndarray) -> ArrayRecord:
+    """A site's calibration aggregates (`fedpath.common.calibration.site_statistics`) as an ArrayRecord."""
+    return ArrayRecord(
+        {
+            CALIBRATION_NLL: Array(np.asarray(nll, np.float64)),
+            CALIBRATION_HISTOGRAM: Array(np.asarray(histogram, np.int64)),
+        }
+    )
+
+
+def calibration_from_reply(
+    arrays: ArrayRecord, temperatures: int, bins: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The aggregates in a site's calibration reply; ValueError when malformed (names, shapes, dtypes, values:
+    NLL sums finite and ≥ 0, counts ≥ 0 and the same total at every temperature)."""
+    if set(arrays) != {CALIBRATION_NLL, CALIBRATION_HISTOGRAM}:
+        raise ValueError(f"expected arrays {CALIBRATION_NLL!r} and {CALIBRATION_HISTOGRAM!r}")
+    nll, hist = arrays[CALIBRATION_NLL].numpy(), arrays[CALIBRATION_HISTOGRAM].numpy()
+    if (
+        nll.shape != (temperatures,)
+        or not np.issubdtype(nll.dtype, np.floating)
+        or not np.isfinite(nll).all()
+    ):
+        raise ValueError(f"{CALIBRATION_NLL!r} must be {temperatures} finite floats")
+    if (nll < 0).any():
+        raise ValueError(f"{CALIBRATION_NLL!r} holds negative sums")
+    if hist.shape != (temperatures, bins) or not np.issubdtype(hist.dtype, np.integer) or (hist < 0).any():
+        raise ValueError(f"{CALIBRATION_HISTOGRAM!r} must be {temperatures}×{bins} counts")
+    totals = hist.sum(axis=1)
+    if (totals != totals[0]).any():
+        raise ValueError(f"{CALIBRATION_HISTOGRAM!r} counts differ between temperatures")
+    return nll.astype(np.float64), hist.astype(np.int64)

@@ -29,6 +29,7 @@ from fedpath.common.mil import initial_model
 from fedpath.common.runconfig import UNIT_WEIGHT_KEY, WEIGHT_KEY, RunConfig, RunConfigError, round_seed
 from fedpath.common.selection import SELECTION_RULE, Selection, best_round
 from fedpath.common.version import fedpath_version
+from fedpath.server.calibration import calibrate, read_calibration
 from fedpath.server.runfolder import (
     Checkpoint,
     RunFolder,
@@ -159,7 +160,13 @@ def run_federation(grid: Grid, run: RunConfig) -> RunFolder:
             1 for line in history if line.get("aggregated") and line["round"] <= selection.round
         )
         features = agreed_features([line for line in history if line["round"] <= selection.round])
-        folder.save_model(Checkpoint(selection.round, state, config, seeds, trained_then, features))
+        calibration = calibrate(grid, run, state, folder.root)
+        folder.save_model(
+            Checkpoint(
+                selection.round, state, config, seeds, trained_then, features,
+                {} if calibration is None else calibration.to_dict(),
+            )
+        )  # fmt: skip
         log(INFO, "model.pt: %s", selection.why)
     else:
         folder.model.unlink(missing_ok=True)  # nothing may look like a trained model
@@ -246,6 +253,7 @@ def model_card(
         "no_site_trained": untrained,
         "privacy": privacy_summary(run, history),
         "standardization": read_standardization(folder.root),
+        "calibration": read_calibration(folder.root) if selection is not None else None,
         "rounds": len(history),
         "sites": sites,
         "selected_round": None if selection is None else selection.round,

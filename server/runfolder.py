@@ -181,6 +181,20 @@ def describe_features(features: dict[str, Any]) -> str:
     return text
 
 
+def describe_calibration(calibration: dict[str, Any] | None) -> str:
+    """One line on the temperature and conformal threshold the sites agreed on (``calibration.json``)."""
+    if not calibration:
+        return "none"
+    if not calibration.get("calibrated"):
+        return f"none ({calibration.get('why', 'unknown')})"
+    return (
+        f"temperature {calibration['temperature']:.3g} (validation NLL {calibration['nll_before']:.3f} → "
+        f"{calibration['nll_after']:.3f}); conformal threshold {calibration['threshold']:.3f} for "
+        f"{100 * calibration['coverage']:.0f} % coverage, from {calibration['patients']} validation patients at "
+        f"{', '.join(calibration['sites'])}"
+    )
+
+
 def render_model_card(card: dict[str, Any]) -> str:
     """A short human-readable model card (Markdown) from the card dictionary."""
     cfg = card["config"]
@@ -201,6 +215,7 @@ def render_model_card(card: dict[str, Any]) -> str:
         else f"- weights: none, no site trained; round log: `{card['round_log']}`",
         f"- fedpath {card['fedpath_version']}, Flower {card['flwr_version']}",
         f"- features: {describe_features(card.get('features') or {})}",
+        f"- calibration: {describe_calibration(card.get('calibration'))}",
         f"- presented weights: {card['selection']} (rule: {card.get('selection_rule')})"
         if card.get("selection")
         else "- presented weights: none",

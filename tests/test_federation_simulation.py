@@ -11,8 +11,10 @@ import torch
 
 from fedpath.client.training import TrainConfig, train_epochs
 from fedpath.common.bags import bags_from_manifest
+from fedpath.common.calibration import TEMPERATURES
 from fedpath.common.manifest import load_manifest, split_patients
 from fedpath.common.processes import _marked_pids
+from fedpath.common.runconfig import RunConfig
 from fedpath.server.federation import initial_weights
 from fedpath.server.runfolder import RunFolder, load_checkpoint, load_model
 from fedpath.simulation.simulate import SimulationEngine, SimulationResult, federation_config, simulate
@@ -73,6 +75,16 @@ def test_uninterrupted_run_writes_checkpoints_log_model_and_card(
     assert all(line["sites"]["site-A"]["features"]["encoder"] == "synthetic" for line in lines)
     # and the class labels, in index order, are the run's (a site with other labels is refused)
     assert final.config["classes"] == ",".join(load_manifest(federation_shift_cohort).classes) != ""
+    # the calibration the sites agreed on from their validation patients' aggregates (common/calibration.py)
+    manifest = load_manifest(federation_shift_cohort)
+    run = RunConfig(**final.config)
+    splits = split_patients(manifest, val=run.val_fraction, test=run.test_fraction, seed=run.split_seed)
+    cal = final.calibration
+    assert cal["patients"] == sum(len(splits[s].val) for s in manifest.sites)
+    assert cal["sites"] == ["site-A", "site-B", "site-C"] and sum(cal["histogram"]) == cal["patients"]
+    assert cal["temperature"] in TEMPERATURES.tolist() and 0 < cal["threshold"] <= 1
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-12
+    assert "calibration: temperature" in card
 
 
 def test_resumed_run_equals_uninterrupted_run(

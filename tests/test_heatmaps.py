@@ -236,26 +236,41 @@ def test_gallery_holds_the_top_and_bottom_tiles_in_order(run: Run) -> None:
 
 def test_gallery_tiles_are_the_slide_at_full_resolution(run: Run, slide: openslide.OpenSlide) -> None:
     assert run.files.gallery is not None
-    (top_file,) = run.files.gallery.glob("top-01_*.jpg")
-    with Image.open(top_file) as image:
-        assert image.size == (TILE, TILE)
-        top = pixels(image)
-    for other in run.files.gallery.glob("*.jpg"):
-        with Image.open(other) as image:
+    tiles: dict[tuple[int, int], np.ndarray] = {}
+    for row in gallery_rows(run.files.gallery):
+        with Image.open(run.files.gallery / row["file"]) as image:
             assert image.format == "JPEG" and image.size == (TILE, TILE)
-    last_x, last_y = (COLUMNS - 1) * TILE, (ROWS - 1) * TILE
-    assert float(np.abs(top - read_tile(slide, last_x, last_y)).mean()) < 3.0  # JPEG at quality 95
-    assert float(np.abs(top - read_tile(slide, 0, 0)).mean()) > 10.0  # and another tile is not it
+            tiles[int(row["x_px"]), int(row["y_px"])] = pixels(image)
+    for (x, y), tile in tiles.items():
+        assert float(np.abs(tile - read_tile(slide, x, y)).mean()) < 3.0, (x, y)  # JPEG at quality 95
+    # many gallery tiles are bare glass, alike: the most textured one is told apart from its neighbour
+    (x, y), tissue = max(tiles.items(), key=lambda item: float(item[1].std()))
+    assert float(tissue.std()) > 20.0
+    neighbour = x - TILE if x >= TILE else x + TILE
+    assert float(np.abs(tissue - read_tile(slide, neighbour, y)).mean()) > 10.0
 
 
-def test_fewer_tiles_than_two_top_k_puts_each_tile_in_one_list(tmp_path: Path) -> None:
-    coords = tile_grid(3, 1)
+@pytest.mark.parametrize(
+    ("attention", "expected"),
+    [
+        ([0.2, 0.9, 0.5], [("top", "1"), ("top", "2"), ("bottom", "0")]),
+        ([0.4, 0.4, 0.4], [("top", "0"), ("top", "1"), ("bottom", "2")]),  # ties: by index, still disjoint
+    ],
+)
+def test_fewer_tiles_than_two_top_k_puts_each_tile_in_one_list(
+    tmp_path: Path, attention: list[float], expected: list[tuple[str, str]]
+) -> None:
     files = write_heatmaps(
-        tmp_path, "three", coords, TILE, {"attention": np.array([0.2, 0.9, 0.5])}, CMU, thumbnail_max_px=256
+        tmp_path,
+        "three",
+        tile_grid(3, 1),
+        TILE,
+        {"attention": np.array(attention)},
+        CMU,
+        thumbnail_max_px=256,
     )
     assert files.gallery is not None
-    rows = gallery_rows(files.gallery)
-    assert [(r["kind"], r["tile"]) for r in rows] == [("top", "1"), ("top", "2"), ("bottom", "0")]
+    assert [(r["kind"], r["tile"]) for r in gallery_rows(files.gallery)] == expected
     assert len(list(files.gallery.glob("*.jpg"))) == 3
 
 
@@ -311,6 +326,7 @@ GOOD = rising_with_x(GRID)
         (np.zeros((0, 2), dtype=int), TILE, {"attention": np.zeros(0)}, "no tiles"),
         (GRID, 0, {"attention": GOOD}, "tile_size_px"),
         (GRID, TILE, {}, "no score maps"),
+        (GRID, TILE, {"attention": GOOD, "attention_raw": GOOD}, "share a GeoJSON measurement"),
     ],
 )
 def test_invalid_input_is_refused_naming_the_slide_before_anything_is_written(
