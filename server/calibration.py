@@ -19,15 +19,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedpath.common.atomic import write_text_atomic
 from fedpath.common.calibration import BINS, DEFAULT_COVERAGE, TEMPERATURES, Calibration, combine
-from fedpath.common.runconfig import SITE_NAME, SITE_RECORD, RunConfig
+from fedpath.common.runconfig import RunConfig
 from fedpath.common.wire import calibration_from_reply
+from fedpath.server.queries import ask_every_site
 
 CALIBRATION_FILE = "calibration.json"
 ACTION = "calibration"
@@ -37,26 +37,10 @@ def ask_sites(
     grid: Grid, run: RunConfig, state: dict[str, torch.Tensor]
 ) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], dict[str, str]]:
     """Every connected site's calibration aggregates for the weights `state`; (by site, site → why none)."""
-    _, nodes = sample_nodes(grid, run.min_sites, 0)
-    arrays = ArrayRecord(state)
-    messages = [
-        Message(
-            content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 0})}),
-            dst_node_id=node,
-            message_type=f"{MessageType.QUERY}.{ACTION}",
-        )
-        for node in sorted(nodes)
-    ]
+    content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": 0})})
+    answered, missing = ask_every_site(grid, run, content, f"{MessageType.QUERY}.{ACTION}")
     got: list[tuple[str, np.ndarray, np.ndarray]] = []
-    missing: dict[str, str] = {}
-    for reply in grid.send_and_receive(messages, timeout=run.round_timeout):
-        name = f"node-{reply.metadata.src_node_id}"
-        if reply.has_error():
-            missing[name] = f"error code {reply.error.code}"  # the site's own text is never recorded
-            continue
-        record = reply.content.config_records.get(SITE_RECORD)
-        if record is not None and isinstance(record.get(SITE_NAME), str) and record.get(SITE_NAME):
-            name = str(record[SITE_NAME])
+    for name, reply in answered:
         sent = next(iter(reply.content.array_records.values()), None)
         if sent is None:
             missing[name] = "sent no aggregates (fewer validation patients than its k)"

@@ -19,16 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedpath.common.atomic import write_text_atomic
 from fedpath.common.mil import create_mil
-from fedpath.common.runconfig import SITE_NAME, SITE_RECORD, RunConfig
+from fedpath.common.runconfig import RunConfig
 from fedpath.common.standardize import FeatureMoments, combine, set_standardization
 from fedpath.common.wire import MOMENTS_COUNT, moments_from_reply
+from fedpath.server.queries import ask_every_site
 
 STANDARDIZATION_FILE = "standardization.json"
 
@@ -48,26 +48,10 @@ def keep_standardization(arrays: ArrayRecord, reference: ArrayRecord) -> None:
 def ask_sites(grid: Grid, run: RunConfig) -> tuple[list[tuple[str, FeatureMoments]], dict[str, str]]:
     """Every connected site's moments; (contributions by site name, site → why it gave none). Waits for
     min-sites nodes as the strategy's first round does (Flower's own `sample_nodes`)."""
-    _, nodes = sample_nodes(grid, run.min_sites, 0)
-    messages = [
-        Message(
-            content=RecordDict({"config": ConfigRecord({"server-round": 0})}),
-            dst_node_id=node,
-            message_type=MessageType.QUERY,
-        )
-        for node in sorted(nodes)
-    ]
-    replies = grid.send_and_receive(messages, timeout=run.round_timeout)
+    content = RecordDict({"config": ConfigRecord({"server-round": 0})})
+    answered, missing = ask_every_site(grid, run, content, MessageType.QUERY)
     got: list[tuple[str, FeatureMoments]] = []
-    missing: dict[str, str] = {}
-    for reply in replies:
-        name = f"node-{reply.metadata.src_node_id}"
-        if reply.has_error():
-            missing[name] = f"error code {reply.error.code}"  # the site's own text is never recorded
-            continue
-        record = reply.content.config_records.get(SITE_RECORD)
-        if record is not None and isinstance(record.get(SITE_NAME), str) and record.get(SITE_NAME):
-            name = str(record[SITE_NAME])
+    for name, reply in answered:
         metrics = next(iter(reply.content.metric_records.values()), None)
         if metrics is None or MOMENTS_COUNT not in metrics:
             missing[name] = "sent no statistics (fewer training patients than its k, or a DP run)"

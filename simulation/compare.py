@@ -88,12 +88,15 @@ if TYPE_CHECKING:
 from fedpath.simulation.report import (
     ALL_SITES,
     Analysis,
+    CalibrationRow,
     PredictionRow,
     ReportPaths,
     RoundRow,
     TrainingFacts,
+    load_calibration,
     load_predictions,
     load_rounds,
+    write_calibration,
     write_predictions,
     write_report,
     write_rounds,
@@ -446,6 +449,7 @@ class Trained:
     note: str  # where the model is, for done.json
     privacy: dict[str, Any] = field(default_factory=dict)  # site → ε spent and δ, from its privacy ledger
     overhead: float | None = None  # a federation's seconds outside its rounds (Flower start-up, shutdown)
+    calibration: dict[str, Any] = field(default_factory=dict)  # a federation's: what its sites agreed on
 
 
 def train_baseline(manifest: Manifest, job: Job, config: CompareConfig) -> Trained:
@@ -580,8 +584,10 @@ def train_federation(
             "claim, not a guarantee; no cell was written. "
             "Leave fedprox-dp out of --methods until DP training is available."
         )
-    model, _ = load_model(runs.model)
-    return Trained(model, runs.read_rounds(), str(runs.model), spent_privacy(ledgers), overhead)
+    model, ckpt = load_model(runs.model)
+    return Trained(
+        model, runs.read_rounds(), str(runs.model), spent_privacy(ledgers), overhead, ckpt.calibration
+    )
 
 
 def spent_privacy(ledgers: Sequence[Path]) -> dict[str, Any]:
@@ -637,6 +643,29 @@ def round_rows(cell: Cell, lines: Sequence[dict[str, Any]]) -> list[RoundRow]:
     return out
 
 
+def model_calibration(
+    trained: Trained, validation: Sequence[PredictionRow]
+) -> tuple[tuple[float, float, float], str] | None:
+    """(temperature, threshold, coverage) of a model and where they come from: a federation's model carries
+    what its sites agreed on; local and pooled models are fitted the same way (`fedpath.common.calibration`,
+    the same sums) on their validation predictions. None: neither (a DP federation, no validation patients)."""
+    from fedpath.common.calibration import Calibration, combine, site_statistics
+
+    if trained.calibration:
+        agreed = Calibration.from_dict(trained.calibration)
+        if agreed is not None:
+            return (agreed.temperature, agreed.threshold, agreed.coverage), "the sites' aggregates"
+        return None
+    if trained.rounds or not validation:  # a federation without calibration stays without one
+        return None
+    probs = np.array([r.probs for r in validation], dtype=np.float64)
+    labels = np.array([r.label for r in validation])
+    fitted = combine([("validation", *site_statistics(np.log(np.clip(probs, 1e-12, 1.0)), labels))])
+    if fitted is None:
+        return None
+    return (fitted.temperature, fitted.threshold, fitted.coverage), "fitted on the validation predictions"
+
+
 def write_cell(
     root: Path,
     job: Job,
@@ -648,10 +677,15 @@ def write_cell(
     validation: Sequence[PredictionRow] = (),
     train_classes: int | None = None,
 ) -> None:
-    """predictions.csv (and rounds.csv, validation.csv) first, done.json last: a cell without done.json is
-    not finished. `validation`: the job's model on its validation patients (any cell of the job: rows are
-    re-labelled with this cell); `train_classes`: classes among the training patients."""
+    """predictions.csv (and rounds.csv, validation.csv, calibration.csv) first, done.json last: a cell without
+    done.json is not finished. `validation`: the job's model on its validation patients (any cell of the job:
+    rows are re-labelled with this cell); `train_classes`: classes among the training patients."""
     folder = cell_dir(root, cell)
+    calibration = model_calibration(trained, validation)
+    if calibration is not None:
+        values, source = calibration
+        row = CalibrationRow(cell.protocol, cell.method, cell.test_site, cell.seed, *values, source)
+        write_calibration(folder / "calibration.csv", [row])
     write_predictions(folder / "predictions.csv", rows)
     rounds = round_rows(cell, trained.rounds)
     if rounds:
@@ -896,6 +930,7 @@ def render(
     validation: list[PredictionRow] = []
     rounds: list[RoundRow] = []
     training: list[TrainingFacts] = []
+    calibration: list[CalibrationRow] = []
     done = _done_files(root)
     if not done:
         raise CompareError(f"{root}: no finished cells to report on (see the errors above)")
@@ -906,10 +941,13 @@ def render(
         if (marker.parent / "validation.csv").exists():
             validation += load_predictions(marker.parent / "validation.csv")
         training.append(_training_facts(marker))
+        if (marker.parent / "calibration.csv").exists():
+            calibration += load_calibration(marker.parent / "calibration.csv")
     write_predictions(root / "predictions.csv", predictions)
     _write_merged(root / "rounds.csv", rounds, write_rounds)
     _write_merged(root / "validation.csv", validation, write_predictions)
     _write_merged(root / "training.csv", training, write_training)
+    _write_merged(root / "calibration.csv", calibration, write_calibration)
     settings = {
         "cohort": cohort or {},
         "features": features or {},

@@ -696,3 +696,34 @@ def test_a_federation_above_pooled_is_printed_with_its_caution(tmp_path: Path) -
     pooled_line = next(line for line in comparison_lines(headline(paths.results, "loso")) if "pooled" in line)
     assert pooled_line.startswith("fedprox(mu=0.01) − pooled: +")
     assert "upper reference: above it, read the report's caution" in pooled_line
+
+
+def test_calibration_table_counts_coverage_abstention_and_accuracy(tmp_path: Path) -> None:
+    from fedpath.simulation.report import CalibrationRow, load_calibration, write_calibration
+
+    # four patients, T = 1, threshold 0.55: a class is in the set when its probability is at least 0.45
+    cases = [("a", 1, 0.9), ("b", 0, 0.2), ("c", 1, 0.5), ("d", 0, 0.7)]
+    rows = [PredictionRow("loso", "pooled", "site-A", 0, pid, y, (1 - s, s), None) for pid, y, s in cases]
+    calibration = [CalibrationRow("loso", "pooled", "site-A", 0, 1.0, 0.55, 0.9, "fitted on the validation")]
+    write_calibration(tmp_path / "calibration.csv", calibration)
+    assert load_calibration(tmp_path / "calibration.csv") == calibration
+    result = analyse(rows, calibration=calibration, n_boot=N_BOOT).calibration[("loso", "pooled", "site-A")]
+    # a {1} right, b {0} right, c {0, 1} (abstains, covered), d {1} wrong (label 0: not covered)
+    assert result.coverage == pytest.approx(0.75) and result.abstained == pytest.approx(0.25)
+    assert result.accuracy_kept == pytest.approx(2 / 3) and result.target == 0.9
+    assert result.ece_before == pytest.approx(result.ece_after)  # T = 1 changes nothing
+    assert result.patients == 4 and result.seeds == 1
+    write_predictions(tmp_path / "predictions.csv", rows)
+    report = write_report(tmp_path, n_boot=N_BOOT).markdown.read_text()
+    assert "Calibration and abstention at each test site" in report
+    assert "| unseen hospitals (LOSO) | pooled | site-A | " in report and "| 75 % (-15) | 25 % |" in report
+    # a temperature that softens moves ECE: the table shows before and after
+    hot = [CalibrationRow("loso", "pooled", "site-A", 0, 3.0, 0.55, 0.9, "x")]
+    softened = analyse(rows, calibration=hot, n_boot=N_BOOT).calibration[("loso", "pooled", "site-A")]
+    assert softened.ece_after != pytest.approx(softened.ece_before)
+    bad = tmp_path / "bad.csv"
+    bad.write_text(
+        "protocol,method,test_site,seed,temperature,threshold,coverage,source\nloso,pooled,site-A,0,-1,0.5,0.9,x\n"
+    )
+    with pytest.raises(ReportError, match="line 2"):
+        load_calibration(bad)

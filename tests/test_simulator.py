@@ -256,6 +256,15 @@ def test_loso_comparison_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert all(r["protocol"] == "loso" and r["seed"] == "0" and r["auroc"] for r in results)
     assert (out / "report.md").exists() and (out / "report.html").exists()
     assert "fedprox(mu=0.01)" in (out / "report.md").read_text()
+    # every model's calibration: the federation's agreed by its sites, the baselines' fitted the same way
+    with (out / "calibration.csv").open() as f:
+        calibrated = {(r["method"], r["test_site"]): r for r in csv.DictReader(f)}
+    assert set(calibrated) == {(r["method"], r["test_site"]) for r in results}
+    assert {calibrated[("fedprox(mu=0.01)", s)]["source"] for s in ("site-A", "site-B", "site-C")} == {
+        "the sites' aggregates"
+    }
+    assert calibrated[("pooled", "site-A")]["source"] == "fitted on the validation predictions"
+    assert "Calibration and abstention at each test site" in (out / "report.md").read_text()
 
     # every cell records who trained and who was tested: disjoint, and the held-out site trained nowhere
     manifest = load_manifest(cohort.manifest)

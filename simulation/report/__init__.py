@@ -35,6 +35,11 @@ and (for local and pooled models) whether the model learned.
 ``train_classes`` (classes among the training patients), ``val_patients``; empty where unknown. It decides
 which local models may be chosen as the best hospital.
 
+``calibration.csv`` (optional): ``protocol``, ``method``, ``test_site``, ``seed``, ``temperature``,
+``threshold``, ``coverage``, ``source``: each model's temperature and conformal threshold
+(`fedpath.common.calibration`), fitted on its training sites' validation patients. The report then shows per
+test site the ECE before and after, the prediction sets' coverage against the target, the abstention rate and
+the accuracy on the patients not abstained on.
 ``settings.json`` (optional): a JSON object of the run's settings, printed as a table.
 
 Without validation.csv or training.csv (runs from before fedpath recorded them) the report renders, and says
@@ -61,12 +66,15 @@ from fedpath.simulation.headline import RESULT_COLUMNS  # the columns of results
 from fedpath.simulation.report.analysis import Analysis, analyse
 from fedpath.simulation.report.contract import (
     ALL_SITES,
+    CalibrationRow,
     PredictionRow,
     ReportError,
     RoundRow,
     TrainingFacts,
+    load_calibration,
     load_predictions,
     load_rounds,
+    write_calibration,
     write_predictions,
     write_rounds,
     write_training,
@@ -78,14 +86,17 @@ __all__ = [
     "ALL_SITES",
     "RESULT_COLUMNS",
     "Analysis",
+    "CalibrationRow",
     "PredictionRow",
     "ReportError",
     "ReportPaths",
     "RoundRow",
     "TrainingFacts",
     "analyse",
+    "load_calibration",
     "load_predictions",
     "load_rounds",
+    "write_calibration",
     "write_predictions",
     "write_report",
     "write_rounds",

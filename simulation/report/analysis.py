@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedpath.common.calibration import calibrated_probs, prediction_sets
 from fedpath.common.metrics import (
     Estimate,
     aggregate_by_patient,
@@ -47,6 +48,7 @@ from fedpath.simulation.report.contract import (
     ALL_SITES,
     MIN_PATIENTS,
     PROTOCOLS,
+    CalibrationRow,
     PredictionRow,
     RoundRow,
     TrainingFacts,
@@ -264,6 +266,8 @@ class Analysis:
     comparisons: dict[str, Comparison] = field(default_factory=dict)  # protocol → its comparison table
     has_validation: bool = False  # validation.csv was there
     has_training: bool = False  # training.csv was there
+    # (protocol, method, test site) → what the models' calibration does there (calibration.csv was there)
+    calibration: dict[tuple[str, str, str], CalibrationResult] = field(default_factory=dict)
 
     def excluded(self, protocol: str, method: str) -> bool:
         """Did not learn, or inverted: shown, but in no finding, comparison or 'best' choice."""
@@ -355,6 +359,7 @@ def analyse(
     *,
     validation: Sequence[PredictionRow] = (),
     training: Sequence[TrainingFacts] = (),
+    calibration: Sequence[CalibrationRow] = (),
     n_boot: int = 1000,
     progress: Callable[[str], None] | None = None,
 ) -> Analysis:
@@ -431,6 +436,7 @@ def analyse(
         comparisons,
         has_validation=bool(validation),
         has_training=bool(training),
+        calibration=calibration_at_sites(evals, calibration),
     )
 
 
@@ -492,3 +498,73 @@ def results_csv(analysis: Analysis) -> str:
     metrics as fractions 0–1 (empty or nan where undefined), counts, the threshold and how it was chosen, the
     method's verdict and, for local models, whether they may be chosen as the best hospital."""
     return csv_text(RESULT_COLUMNS, (result_row(r) for r in analysis.results))
+
+
+# --- calibration and abstention at the test sites -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """What a model's calibration does at one test site, means over seeds: top-label ECE of its own and of its
+    temperature-scaled probabilities; the share of patients whose conformal prediction set holds their class
+    (against `target`), the share it abstains on (a set of other than one class), and accuracy on the rest."""
+
+    protocol: str
+    method: str
+    test_site: str
+    ece_before: float
+    ece_after: float
+    coverage: float
+    target: float
+    abstained: float
+    accuracy_kept: float  # NaN when every patient was abstained on
+    temperature: float
+    patients: int
+    seeds: int
+    source: str
+
+
+def calibration_at_sites(
+    evals: Sequence[Evaluation], rows: Sequence[CalibrationRow]
+) -> dict[tuple[str, str, str], CalibrationResult]:
+    """Per (protocol, method, test site) with a calibration row for its models: see `CalibrationResult`."""
+    by_key = {r.key: r for r in rows}
+    grouped: dict[tuple[str, str, str], list[tuple[Evaluation, CalibrationRow]]] = defaultdict(list)
+    for e in evals:
+        row = by_key.get(_key(e))
+        if row is not None and len(e.labels):
+            grouped[(e.protocol, e.method, e.test_site)].append((e, row))
+    out = {}
+    for key, pairs in grouped.items():
+        numbers: dict[str, list[float]] = defaultdict(list)
+        for e, row in pairs:
+            probs = calibrated_probs(np.log(np.clip(e.probs, 1e-12, 1.0)), row.temperature)
+            sets = prediction_sets(probs, row.threshold)
+            kept = [i for i, s in enumerate(sets) if len(s) == 1]
+            numbers["ece_before"].append(expected_calibration_error(e.labels, e.probs))
+            numbers["ece_after"].append(expected_calibration_error(e.labels, probs))
+            numbers["coverage"].append(
+                float(np.mean([int(y) in s for y, s in zip(e.labels, sets, strict=True)]))
+            )
+            numbers["abstained"].append(1.0 - len(kept) / len(sets))
+            numbers["accuracy_kept"].append(
+                float(np.mean([sets[i][0] == int(e.labels[i]) for i in kept])) if kept else math.nan
+            )
+            numbers["temperature"].append(row.temperature)
+        first = pairs[0][1]
+        out[key] = CalibrationResult(
+            protocol=key[0],
+            method=key[1],
+            test_site=key[2],
+            ece_before=nanmean(numbers["ece_before"]),
+            ece_after=nanmean(numbers["ece_after"]),
+            coverage=nanmean(numbers["coverage"]),
+            abstained=nanmean(numbers["abstained"]),
+            accuracy_kept=nanmean(numbers["accuracy_kept"]),
+            target=first.coverage,
+            temperature=float(np.exp(np.mean(np.log(numbers["temperature"])))),
+            patients=len({p for e, _ in pairs for p in e.patient_ids}),
+            seeds=len(pairs),
+            source=first.source,
+        )
+    return out

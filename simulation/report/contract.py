@@ -289,3 +289,66 @@ def write_training(path: str | Path, rows: Sequence[TrainingFacts]) -> None:
     """Write training.csv in the contract's form (unknown counts empty)."""
     body = (["" if (v := getattr(r, k)) is None else v for k in _TRAINING_COLUMNS] for r in rows)
     write_text_atomic(path, csv_text(_TRAINING_COLUMNS, body))
+
+
+# --- calibration.csv: the temperature and conformal threshold each presented model carries ----------------
+
+_CALIBRATION_COLUMNS = (
+    "protocol",
+    "method",
+    "test_site",
+    "seed",
+    "temperature",
+    "threshold",
+    "coverage",
+    "source",
+)
+
+
+@dataclass(frozen=True)
+class CalibrationRow:
+    """One row of calibration.csv: the calibration of one model (its cell), from its training sites'
+    validation patients: ``source`` says whether the sites agreed on it (a federation's model) or it was fitted
+    the same way on the validation predictions (local and pooled models)."""
+
+    protocol: str
+    method: str
+    test_site: str
+    seed: int
+    temperature: float
+    threshold: float
+    coverage: float
+    source: str
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return (self.protocol, self.method, self.test_site, self.seed)
+
+
+def load_calibration(path: str | Path) -> list[CalibrationRow]:
+    """Read and validate calibration.csv."""
+    path = Path(path)
+    out = []
+    for line, row in _read_csv(path, _CALIBRATION_COLUMNS):
+        values = {
+            c: float(_parse(path, line, c, row[c], float)) for c in ("temperature", "threshold", "coverage")
+        }
+        if not (values["temperature"] > 0 and 0 <= values["threshold"] <= 1 and 0 < values["coverage"] < 1):
+            raise ReportError(f"{path} line {line}: temperature > 0, threshold in [0, 1], coverage in (0, 1)")
+        out.append(
+            CalibrationRow(
+                protocol=_protocol(path, line, row["protocol"]),
+                method=(row["method"] or "").strip(),
+                test_site=(row["test_site"] or "").strip(),
+                seed=int(_parse(path, line, "seed", row["seed"], int)),
+                source=(row["source"] or "").strip(),
+                **values,
+            )
+        )
+    return out
+
+
+def write_calibration(path: str | Path, rows: Sequence[CalibrationRow]) -> None:
+    write_text_atomic(
+        path, csv_text(_CALIBRATION_COLUMNS, ([getattr(r, k) for k in _CALIBRATION_COLUMNS] for r in rows))
+    )

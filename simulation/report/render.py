@@ -37,7 +37,9 @@ from fedpath.simulation.report.analysis import (
 from fedpath.simulation.report.contract import (
     MIN_PATIENTS,
     PROTOCOL_LABELS,
+    PROTOCOLS,
     SHORT_LABELS,
+    load_calibration,
     load_predictions,
     load_rounds,
     load_settings,
@@ -341,6 +343,60 @@ def _flatten(settings: Mapping[str, Any], prefix: str = "") -> list[tuple[str, s
     return out
 
 
+def _calibration_section(analysis: Analysis) -> list[Block]:
+    """What each model's calibration (temperature, conformal sets) does at the sites it is tested at."""
+    if not analysis.calibration:
+        return [Paragraph("Calibration and abstention: not shown, the run folder has no calibration.csv.")]
+    order = {m: i for i, m in enumerate(analysis.methods)}
+    keys = sorted(
+        analysis.calibration,
+        key=lambda k: (PROTOCOLS.index(k[0]), order.get(k[1], len(order)), natural_key(k[2])),
+    )
+    rows = []
+    for key in keys:
+        c = analysis.calibration[key]
+        miss = c.coverage - c.target
+        rows.append(
+            (
+                SHORT_LABELS[c.protocol],
+                c.method,
+                c.test_site,
+                f"{c.ece_before:.3f} → {c.ece_after:.3f}",
+                f"{100 * c.coverage:.0f} % ({100 * miss:+.0f})",
+                f"{100 * c.abstained:.0f} %",
+                _number(c.accuracy_kept),
+                f"{c.temperature:.2g}",
+                f"{c.patients} × {c.seeds}",
+            )
+        )
+    target = next(iter(analysis.calibration.values())).target
+    return [
+        Heading(3, "Calibration and abstention at each test site"),
+        Paragraph(
+            "Each model carries a temperature and a conformal threshold fitted on its training sites' validation "
+            "patients (a federation's sites agree on them from aggregates; local and pooled models are fitted "
+            f"the same way). A prediction set holds every class likely enough for {100 * target:.0f} % "
+            "coverage; the model abstains when the set is not a single class. Coverage is only guaranteed for "
+            "patients like the validation patients: at a hospital the model never saw (LOSO), this table "
+            "measures it."
+        ),
+        Table(
+            (
+                "Protocol",
+                "Method",
+                "Test site",
+                "ECE before → after",
+                "Coverage (vs target)",
+                "Abstained",
+                "Accuracy when not abstaining",
+                "Temperature",
+                "Patients × seeds",
+            ),
+            tuple(rows),
+        ),
+    ]
+
+
 def report_blocks(analysis: Analysis, settings: Mapping[str, Any] | None, run_name: str) -> list[Block]:
     """The whole report as blocks (plots rendered to PNG on the way)."""
     colours = method_colours(analysis.methods)
@@ -418,6 +474,7 @@ def report_blocks(analysis: Analysis, settings: Mapping[str, Any] | None, run_na
             "Reliability diagram, all sites and seeds.",
         ),
     ]
+    blocks += _calibration_section(analysis)
     blocks += _privacy_section(analysis, colours)
     blocks.append(Heading(2, "Run settings"))
     if settings:
@@ -465,11 +522,19 @@ def read_analysis(
     """The analysis of a run folder's predictions.csv (and its optional inputs, see the module docstring)."""
     run_dir = Path(run_dir)
     rows = load_predictions(run_dir / "predictions.csv")
-    optional = {name: run_dir / name for name in ("rounds.csv", "validation.csv", "training.csv")}
+    optional = {
+        name: run_dir / name for name in ("rounds.csv", "validation.csv", "training.csv", "calibration.csv")
+    }
     rounds = load_rounds(optional["rounds.csv"]) if optional["rounds.csv"].exists() else []
     validation = load_predictions(optional["validation.csv"]) if optional["validation.csv"].exists() else []
     training = load_training(optional["training.csv"]) if optional["training.csv"].exists() else []
-    return analyse(rows, rounds, validation=validation, training=training, n_boot=n_boot, progress=progress)
+    calibration = (
+        load_calibration(optional["calibration.csv"]) if optional["calibration.csv"].exists() else []
+    )
+    return analyse(
+        rows, rounds, validation=validation, training=training, calibration=calibration, n_boot=n_boot,
+        progress=progress,
+    )  # fmt: skip
 
 
 def write_analysis(
