@@ -22,9 +22,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 from fedpath.client.app import app as client_app
+from fedpath.common.features import PROVENANCE_KEYS
 from fedpath.common.manifest import load_manifest
 from fedpath.common.mil import create_mil
-from fedpath.common.runconfig import SITE_NAME, SITE_RECORD, WEIGHT_KEY, RunConfig
+from fedpath.common.runconfig import FEATURES_PREFIX, SITE_NAME, SITE_RECORD, WEIGHT_KEY, RunConfig
 from fedpath.common.wire import arrays_nbytes, model_to_arrays
 from fedpath.server import flower_runtime as fr
 from fedpath.server.runfolder import RunFolder
@@ -343,7 +344,8 @@ ALLOWED_METRIC_TYPES = (int, float)
 
 
 def leaks(reply: Message, model: torch.nn.Module, site: str, identifiers: set[str]) -> list[str]:
-    """Everything in a ClientApp reply beyond the model's weights, scalar metrics and the site's name."""
+    """Everything in a ClientApp reply beyond the model's weights, scalar metrics, the site's name and what its
+    features were made with."""
     problems = []
     content = reply.content
     expected_arrays = {"arrays"} if reply.metadata.message_type == "train" else set()
@@ -363,8 +365,12 @@ def leaks(reply: Message, model: torch.nn.Module, site: str, identifiers: set[st
     if WEIGHT_KEY not in content.metric_records.get("metrics", {}):
         problems.append(f"no '{WEIGHT_KEY}' count")
     configs = {name: dict(record) for name, record in content.config_records.items()}
-    if configs != {SITE_RECORD: {SITE_NAME: site}}:
-        problems.append(f"config records beyond the site name: {configs}")
+    # the site's name and what its features state they were made with (encoder, weights checksum, tile size):
+    # facts about the site's software, fixed keys, never about a patient
+    allowed = {SITE_NAME} | {f"{FEATURES_PREFIX}{k}" for k in (*PROVENANCE_KEYS, "files_agree")}
+    named = configs.get(SITE_RECORD, {})
+    if set(configs) != {SITE_RECORD} or named.get(SITE_NAME) != site or set(named) - allowed:
+        problems.append(f"config records beyond the site name and its features' provenance: {configs}")
     wire = recorddict_to_proto(content).SerializeToString()
     problems += [
         f"identifier '{i}' in the serialized reply" for i in sorted(identifiers) if i.encode() in wire
@@ -408,5 +414,7 @@ def test_client_replies_hold_only_weights_and_aggregate_metrics(tmp_path: Path) 
                 assert any("identifier" in p for p in leaks(doctored, model, "site-A", identifiers))
                 doctored.content.metric_records["metrics"]["scores"] = [0.1, 0.9]
                 assert any("not a scalar" in p for p in leaks(doctored, model, "site-A", identifiers))
+                doctored.content.config_records[SITE_RECORD]["features.first_patient"] = "x"
+                assert any("beyond the site name" in p for p in leaks(doctored, model, "site-A", identifiers))
     finally:
         TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
