@@ -56,13 +56,14 @@ def feature_files(folder: Path, n: int, tiles: int, dim: int) -> list[Path]:
 
 
 def part1(folder: Path, args: argparse.Namespace) -> tuple[float, float]:
-    from fedpath.client.predict import load_for_prediction, predict_slides, slides_from_folder
+    from fedpath.client.predict import check_inputs, load_for_prediction, predict_slides, slides_from_folder
     from fedpath.common.features import read_feature_matrix
 
     model_path = model_file(folder, args.dim)
     files = feature_files(folder / "features", args.slides, args.tiles, args.dim)
     loaded = load_for_prediction(model_path)
     slides = slides_from_folder(folder / "features")
+    infos, _ = check_inputs(loaded, slides, allow_mismatch=False)  # as the command does, before predicting
     bags = [torch.from_numpy(read_feature_matrix(p))[None] for p in files]
     model = loaded.model.eval()
     whole, bare = [], []
@@ -73,7 +74,7 @@ def part1(folder: Path, args: argparse.Namespace) -> tuple[float, float]:
                 model(x, torch.ones(x.shape[:2], dtype=torch.bool))
         bare.append(len(bags) / (time.perf_counter() - t0))
         t0 = time.perf_counter()
-        predict_slides(loaded, slides)
+        predict_slides(loaded, slides, infos=infos)
         whole.append(len(slides) / (time.perf_counter() - t0))
     return statistics.median(whole), statistics.median(bare)
 

@@ -21,7 +21,8 @@ import csv
 import hashlib
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,11 @@ from fedpath.common.calibration import Calibration, prediction_sets
 from fedpath.common.features import (
     FeatureFileError,
     FeatureFileInfo,
+    TileFeatures,
     inspect_features,
     provenance,
     provenance_mismatch,
+    read_feature_matrix,
     read_features,
 )
 from fedpath.common.manifest import load_manifest
@@ -242,42 +245,56 @@ def predict_slides(
     loaded: LoadedModel,
     slides: Sequence[Slide],
     *,
-    on_slide: Callable[[Slide, np.ndarray, np.ndarray, SlideScores], None] | None = None,
+    on_slide: Callable[[Slide, np.ndarray | None, np.ndarray, SlideScores], None] | None = None,
     progress: Callable[[int], object] | None = None,
     evidence: bool = False,
     coverage: float | None = None,
+    infos: Mapping[str, FeatureFileInfo] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of predictions.csv: every slide, then every patient (all its slides' tiles in one bag, as in
     training), with the model's calibration when it has one (`coverage`: of the prediction sets, default the
-    model's). `on_slide(slide, coords_px, features, scores)` sees each slide's scores (heatmaps)."""
+    model's). `on_slide(slide, coords_px or None, features, scores)` sees each slide's scores (heatmaps). `infos`:
+    the files' headers from `check_inputs`. The next slides' files are read while the model scores this one."""
     model = loaded.model.eval()
     cal = loaded.calibration
     temperature = 1.0 if cal is None else cal.temperature
     threshold = None if cal is None else cal.threshold_for(coverage or cal.coverage)
     rows: list[dict[str, Any]] = []
-    by_patient: dict[str, list[tuple[Slide, np.ndarray, np.ndarray]]] = {}
+    known = infos or {}
+    slides_of = Counter(s.patient_id for s in slides)
+    # a patient of several slides is scored on all their tiles in one bag once the last slide is read; only
+    # such a patient's tiles wait in memory, and only until then
+    waiting: dict[str, list[np.ndarray]] = {}
+    patients: dict[str, tuple[np.ndarray, int, set[str | None]]] = {}  # probabilities, tiles, labels
+
+    # Read in this thread: h5py holds the GIL while it reads, so a reader thread only stalls the model (measured
+    # slower than reading in turn), and a reader process costs more in copying than it saves
+    # (benchmarks/bench_predict.py). Coordinates are read only for heatmaps.
     for slide in slides:
-        tiles = read_features(slide.features)
+        info = known.get(slide.slide_id) or inspect_features(slide.features)
+        if on_slide is None:
+            tiles = TileFeatures(read_feature_matrix(slide.features, layout=info.layout), None, None, info)
+        else:
+            tiles = read_features(slide.features, info)
         scores = score_bag(model, tiles.features, evidence=evidence, temperature=temperature)
         what = _Row("slide", slide.patient_id, slide.slide_id, len(tiles.features), slide.label)
         rows.append(_row(loaded, what, scores.probs, threshold))
-        by_patient.setdefault(slide.patient_id, []).append((slide, tiles.features, scores.probs))
+        pid = slide.patient_id
+        _, counted, labels = patients.get(pid, (scores.probs, 0, set()))
+        patients[pid] = (scores.probs, counted + len(tiles.features), labels | {slide.label})
+        if slides_of[pid] > 1:
+            waiting.setdefault(pid, []).append(tiles.features)
+            if len(waiting[pid]) == slides_of[pid]:
+                pooled = np.concatenate(waiting.pop(pid))
+                probs = score_bag(model, pooled, temperature=temperature).probs
+                patients[pid] = (probs, *patients[pid][1:])
         if on_slide is not None:
-            missing = np.zeros((len(tiles.features), 2), np.int64)
-            on_slide(
-                slide, tiles.coords_px if tiles.coords_px is not None else missing, tiles.features, scores
-            )
+            on_slide(slide, tiles.coords_px, tiles.features, scores)
         if progress is not None:
             progress(1)
-    for patient, parts in by_patient.items():
-        tiles_of = [f for _, f, _ in parts]
-        # one slide: the patient's bag is that slide's; several: their tiles pooled into one bag
-        pooled = np.concatenate(tiles_of) if len(parts) > 1 else None
-        probs = parts[0][2] if pooled is None else score_bag(model, pooled, temperature=temperature).probs
-        labels = {s.label for s, _, _ in parts}
-        label = labels.pop() if len(labels) == 1 else None
-        what = _Row("patient", patient, "", sum(len(f) for f in tiles_of), label)
-        rows.append(_row(loaded, what, probs, threshold))
+    for pid, (probs, counted, labels) in patients.items():
+        label = next(iter(labels)) if len(labels) == 1 else None
+        rows.append(_row(loaded, _Row("patient", pid, "", counted, label), probs, threshold))
     return rows
 
 

@@ -104,6 +104,10 @@ def _run(args: argparse.Namespace) -> int:
 
         def on_slide(slide: Any, coords: Any, _features: Any, scores: Any) -> None:
             info = infos[slide.slide_id]
+            if coords is None:
+                drawn[slide.slide_id] = {"png": None, "geojson": None, "gallery": None}
+                print(f"heatmaps: slide '{slide.slide_id}' skipped: its feature file has no tile coordinates")
+                return
             maps = {"attention": scores.attention}
             k = int(scores.probs.argmax())
             label = loaded.classes[k]

@@ -228,29 +228,37 @@ def inspect_features(path: str | os.PathLike[str]) -> FeatureFileInfo:
         return _info(f, p)
 
 
-def read_feature_matrix(path: str | os.PathLike[str], rows: np.ndarray | None = None) -> np.ndarray:
-    """Read the (N, D) features of one file as float32; `rows` (sorted indices) reads only those tiles."""
-    p = Path(path)
-    with _open(p) as f:
-        layout = _layout_of(f, p)
-        ds = _feature_dataset(f, layout, p)
-        try:
-            data = ds[()] if rows is None or ds.ndim == 3 else ds[rows]
-        except OSError as err:  # truncated or corrupt chunk
-            raise FeatureFileError(f"{p}: features cannot be read ({err})") from err
-        if ds.ndim == 3:
-            data = data[0] if rows is None else data[0][rows]
+def _matrix(f: h5py.File, layout: Layout, p: Path, rows: np.ndarray | None = None) -> np.ndarray:
+    ds = _feature_dataset(f, layout, p)
+    try:
+        data = ds[()] if rows is None or ds.ndim == 3 else ds[rows]
+    except OSError as err:  # truncated or corrupt chunk
+        raise FeatureFileError(f"{p}: features cannot be read ({err})") from err
+    if ds.ndim == 3:
+        data = data[0] if rows is None else data[0][rows]
     out = np.asarray(data, dtype=np.float32)
     if not np.isfinite(out).all():
         raise FeatureFileError(f"{p}: features contain NaN or Inf; re-extract this slide")
     return out
 
 
-def read_features(path: str | os.PathLike[str]) -> TileFeatures:
-    """Read a whole feature file of any supported layout, with coordinates in both units where known."""
+def read_feature_matrix(
+    path: str | os.PathLike[str], rows: np.ndarray | None = None, *, layout: Layout | None = None
+) -> np.ndarray:
+    """Read the (N, D) features of one file as float32; `rows` (sorted indices) reads only those tiles;
+    `layout`, when known from the header, is not looked up again."""
     p = Path(path)
     with _open(p) as f:
-        info = _info(f, p)
+        return _matrix(f, layout or _layout_of(f, p), p, rows)
+
+
+def read_features(path: str | os.PathLike[str], info: FeatureFileInfo | None = None) -> TileFeatures:
+    """Read a whole feature file of any supported layout, with coordinates in both units where known; `info`,
+    the file's header read before (`inspect_features`), saves reading it again."""
+    p = Path(path)
+    with _open(p) as f:
+        info = info or _info(f, p)
+        features = _matrix(f, info.layout, p)
         coords_um: np.ndarray | None = None
         coords_px: np.ndarray | None = None
         if info.layout == "fedpath":
@@ -273,7 +281,7 @@ def read_features(path: str | os.PathLike[str]) -> TileFeatures:
     for name, c in (("coords_um", coords_um), ("coords_px", coords_px)):
         if c is not None and c.shape != (info.n_tiles, 2):
             raise FeatureFileError(f"{p}: {name} has shape {c.shape}, expected ({info.n_tiles}, 2)")
-    return TileFeatures(read_feature_matrix(p), coords_um, coords_px, info)
+    return TileFeatures(features, coords_um, coords_px, info)
 
 
 # --- provenance: what the features were made with ---------------------------------------------------------
