@@ -218,31 +218,60 @@ class _Row:
     label: str | None
 
 
-def _row(loaded: LoadedModel, what: _Row, probs: np.ndarray, threshold: float | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Scored:
+    probs: np.ndarray  # (C,) the members' mean
+    spread: np.ndarray | None  # (C,) SD across the members; None for one model
+    members: list[int] | None  # the prediction set; None when a member carries no calibration
+
+
+def check_ensemble(models: Sequence[LoadedModel]) -> None:
+    """Models applied together must take the same features and name the same classes in the same order."""
+    first = models[0]
+    for other in models[1:]:
+        for what, a, b in (
+            ("classes", first.classes, other.classes),
+            ("in_dim", first.checkpoint.config.get("in_dim"), other.checkpoint.config.get("in_dim")),
+        ):
+            if a != b:
+                raise PredictError(
+                    f"{other.path} has {what} {b} but {first.path} has {a}: an ensemble's models must agree"
+                )
+
+
+def identity(models: Sequence[LoadedModel]) -> dict[str, Any]:
+    """Run, round and SHA-256 of the model, or of each model of an ensemble joined by ';'."""
+    ids = [m.identity() for m in models]
+    return {k: ";".join(str(i[k]) for i in ids) for k in ids[0]}
+
+
+def _row(models: Sequence[LoadedModel], what: _Row, scored: _Scored) -> dict[str, Any]:
+    classes = models[0].classes
+    probs = scored.probs
     k = int(np.argmax(probs))
-    if threshold is None:  # an uncalibrated model: no prediction set, no abstention
+    if scored.members is None:  # uncalibrated: no prediction set, no abstention
         chosen, abstain = "", ""
     else:
-        members = prediction_sets(probs, threshold)[0]
-        chosen = "|".join(loaded.classes[c] for c in members)
-        abstain = "false" if len(members) == 1 else "true"
+        chosen = "|".join(classes[c] for c in scored.members)
+        abstain = "false" if len(scored.members) == 1 else "true"
     return {
         "level": what.level,
         "patient_id": what.patient,
         "slide_id": what.slide,
         "tiles": what.tiles,
-        **{f"prob_{c}": f"{float(p):.6f}" for c, p in zip(loaded.classes, probs, strict=True)},
-        "predicted": loaded.classes[k],
+        **{f"prob_{c}": f"{float(p):.6f}" for c, p in zip(classes, probs, strict=True)},
+        "predicted": classes[k],
         "uncertainty": f"{1.0 - float(probs[k]):.6f}",
+        "spread": "" if scored.spread is None else f"{float(scored.spread[k]):.6f}",
         "prediction_set": chosen,
         "abstain": abstain,
         "label": "" if what.label is None else what.label,
-        **loaded.identity(),
+        **identity(models),
     }
 
 
 def predict_slides(
-    loaded: LoadedModel,
+    loaded: LoadedModel | Sequence[LoadedModel],
     slides: Sequence[Slide],
     *,
     on_slide: Callable[[Slide, np.ndarray | None, np.ndarray, SlideScores], None] | None = None,
@@ -253,19 +282,46 @@ def predict_slides(
 ) -> list[dict[str, Any]]:
     """Rows of predictions.csv: every slide, then every patient (all its slides' tiles in one bag, as in
     training), with the model's calibration when it has one (`coverage`: of the prediction sets, default the
-    model's). `on_slide(slide, coords_px or None, features, scores)` sees each slide's scores (heatmaps). `infos`:
-    the files' headers from `check_inputs`. The next slides' files are read while the model scores this one."""
-    model = loaded.model.eval()
-    cal = loaded.calibration
-    temperature = 1.0 if cal is None else cal.temperature
-    threshold = None if cal is None else cal.threshold_for(coverage or cal.coverage)
+    model's). Several models (an ensemble, e.g. seeds) give the mean probability, its SD across the models
+    (``spread``) and the union of their conformal sets (covering at least as often as each model's; none when
+    a model carries no calibration). `on_slide(slide, coords_px or None, features, scores)` sees each slide's
+    scores (heatmaps: the members' mean attention and maps). `infos`: the headers from `check_inputs`."""
+    models = [loaded] if isinstance(loaded, LoadedModel) else list(loaded)
+    check_ensemble(models)
+    thresholds = [
+        None if m.calibration is None else m.calibration.threshold_for(coverage or m.calibration.coverage)
+        for m in models
+    ]
+
+    def score(features: np.ndarray, with_evidence: bool) -> tuple[SlideScores, _Scored]:
+        outs = [
+            score_bag(
+                m.model.eval(), features, evidence=with_evidence,
+                temperature=1.0 if m.calibration is None else m.calibration.temperature,
+            )
+            for m in models
+        ]  # fmt: skip
+        stacked = np.stack([o.probs for o in outs])
+        stated = [t for t in thresholds if t is not None]
+        sets = None
+        if len(stated) == len(outs):
+            sets = sorted(
+                {c for o, t in zip(outs, stated, strict=True) for c in prediction_sets(o.probs, t)[0]}
+            )
+        mean = SlideScores(
+            stacked.mean(axis=0),
+            np.mean([o.attention for o in outs], axis=0),
+            {k: np.mean([o.evidence[k] for o in outs], axis=0) for k in outs[0].evidence},
+        )
+        return mean, _Scored(mean.probs, stacked.std(axis=0) if len(outs) > 1 else None, sets)
+
     rows: list[dict[str, Any]] = []
     known = infos or {}
     slides_of = Counter(s.patient_id for s in slides)
     # a patient of several slides is scored on all their tiles in one bag once the last slide is read; only
     # such a patient's tiles wait in memory, and only until then
     waiting: dict[str, list[np.ndarray]] = {}
-    patients: dict[str, tuple[np.ndarray, int, set[str | None]]] = {}  # probabilities, tiles, labels
+    patients: dict[str, tuple[_Scored, int, set[str | None]]] = {}  # scores, tiles, labels
 
     # Read in this thread: h5py holds the GIL while it reads, so a reader thread only stalls the model (measured
     # slower than reading in turn), and a reader process costs more in copying than it saves
@@ -276,25 +332,24 @@ def predict_slides(
             tiles = TileFeatures(read_feature_matrix(slide.features, layout=info.layout), None, None, info)
         else:
             tiles = read_features(slide.features, info)
-        scores = score_bag(model, tiles.features, evidence=evidence, temperature=temperature)
+        scores, scored = score(tiles.features, evidence)
         what = _Row("slide", slide.patient_id, slide.slide_id, len(tiles.features), slide.label)
-        rows.append(_row(loaded, what, scores.probs, threshold))
+        rows.append(_row(models, what, scored))
         pid = slide.patient_id
-        _, counted, labels = patients.get(pid, (scores.probs, 0, set()))
-        patients[pid] = (scores.probs, counted + len(tiles.features), labels | {slide.label})
+        _, counted, labels = patients.get(pid, (scored, 0, set()))
+        patients[pid] = (scored, counted + len(tiles.features), labels | {slide.label})
         if slides_of[pid] > 1:
             waiting.setdefault(pid, []).append(tiles.features)
             if len(waiting[pid]) == slides_of[pid]:
-                pooled = np.concatenate(waiting.pop(pid))
-                probs = score_bag(model, pooled, temperature=temperature).probs
-                patients[pid] = (probs, *patients[pid][1:])
+                _, pooled = score(np.concatenate(waiting.pop(pid)), False)
+                patients[pid] = (pooled, *patients[pid][1:])
         if on_slide is not None:
             on_slide(slide, tiles.coords_px, tiles.features, scores)
         if progress is not None:
             progress(1)
-    for pid, (probs, counted, labels) in patients.items():
+    for pid, (scored, counted, labels) in patients.items():
         label = next(iter(labels)) if len(labels) == 1 else None
-        rows.append(_row(loaded, _Row("patient", pid, "", counted, label), probs, threshold))
+        rows.append(_row(models, _Row("patient", pid, "", counted, label), scored))
     return rows
 
 

@@ -29,7 +29,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     hide = argparse.SUPPRESS
     p.add_argument(
-        "--model", type=Path, required=True, default=hide, help="run folder (its model.pt) or model file"
+        "--model",
+        type=Path,
+        nargs="+",
+        required=True,
+        default=hide,
+        help="run folder (its model.pt) or model file; several: an ensemble (mean, spread, union of sets)",
     )
     given = p.add_mutually_exclusive_group(required=True)
     given.add_argument(
@@ -79,21 +84,29 @@ def _run(args: argparse.Namespace) -> int:
     if args.slides is not None and args.features is None:
         raise UserError("--slides goes with --features (a manifest names each slide in its 'slide' column)")
     try:
-        loaded = pr.load_for_prediction(args.model)
+        models = [pr.load_for_prediction(path) for path in args.model]
+        pr.check_ensemble(models)
+        loaded = models[0]
         if args.manifest is not None:
             slides = pr.slides_from_manifest(args.manifest)
         else:
             if not args.features.is_dir():
                 raise UserError(f"--features {args.features}: not a folder")
             slides = pr.slides_from_folder(args.features, args.slides)
-        infos, mismatches = pr.check_inputs(loaded, slides, allow_mismatch=args.allow_encoder_mismatch)
+        mismatches: dict[str, list[str]] = {}
+        for model in models:
+            infos, found_by_slide = pr.check_inputs(model, slides, allow_mismatch=args.allow_encoder_mismatch)
+            for slide, found in found_by_slide.items():
+                mismatches.setdefault(slide, []).extend(
+                    f for f in found if f not in mismatches.get(slide, [])
+                )
     except (pr.PredictError, ManifestError) as err:
         raise UserError(str(err)) from err
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out}: exists and is not a folder")
-    for slide, differ in mismatches.items():
+    for slide, listed in mismatches.items():
         print(
-            f"WARNING: slide '{slide}': {'; '.join(differ)} (allowed by --allow-encoder-mismatch)",
+            f"WARNING: slide '{slide}': {'; '.join(listed)} (allowed by --allow-encoder-mismatch)",
             file=sys.stderr,
         )
 
@@ -130,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
 
     with tqdm(total=len(slides), unit="slide", desc="predict", disable=None) as bar:
         rows = pr.predict_slides(
-            loaded,
+            models,
             slides,
             on_slide=on_slide,
             progress=bar.update,
@@ -138,8 +151,8 @@ def _run(args: argparse.Namespace) -> int:
             coverage=args.coverage,
         )
     summary = {
-        **loaded.identity(),
-        "model_file": str(loaded.path),
+        **pr.identity(models),
+        "model_files": [str(m.path) for m in models],
         "classes": loaded.classes,
         "training_features": loaded.checkpoint.features,
         "input": str((args.manifest or args.features).resolve()),
@@ -148,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
         "allow_encoder_mismatch": bool(args.allow_encoder_mismatch),
         "encoder_mismatches": mismatches,
         "heatmaps": drawn,
-        "calibration": _calibration_summary(loaded, args.coverage),
+        "calibration": [_calibration_summary(m, args.coverage) for m in models],
     }
     csv_path, json_path = pr.write_outputs(args.out, rows, summary)
     patients = [r for r in rows if r["level"] == "patient"]
@@ -156,17 +169,23 @@ def _run(args: argparse.Namespace) -> int:
     print(
         f"{len(slides)} slides, {len(patients)} patients; predicted "
         + ", ".join(f"{c}: {counts.get(c, 0)}" for c in loaded.classes)
-        + f"\nmodel: {loaded.path} (run {loaded.run}, round {loaded.checkpoint.round}, sha256 {loaded.sha256[:12]}…)"
     )
-    if loaded.calibration is not None:
-        abstained = sum(1 for r in patients if r["abstain"] == "true")
+    for m in models:
+        print(f"model: {m.path} (run {m.run}, round {m.checkpoint.round}, sha256 {m.sha256[:12]}…)")
+    if len(models) > 1:
         print(
-            f"calibrated: temperature {loaded.calibration.temperature:.3g}; prediction sets at "
-            f"{100 * (args.coverage or loaded.calibration.coverage):.0f} % coverage; abstained on {abstained} of "
-            f"{len(patients)} patients"
+            f"ensemble of {len(models)} models: mean probability, 'spread' = SD across them, union of their sets"
+        )
+    if all(m.calibration is not None for m in models):
+        abstained = sum(1 for r in patients if r["abstain"] == "true")
+        temperatures = ", ".join(f"{m.calibration.temperature:.3g}" for m in models if m.calibration)
+        print(
+            f"calibrated: temperature {temperatures}; prediction sets at "
+            f"{100 * (args.coverage or loaded.calibration.coverage):.0f} % coverage; "  # type: ignore[union-attr]
+            f"abstained on {abstained} of {len(patients)} patients"
         )
     else:
-        print("not calibrated: the model carries no calibration; no prediction sets")
+        print("not calibrated: a model carries no calibration; no prediction sets")
     _print_evaluation(patients, loaded.classes)
     if args.heatmaps:
         reachable = sum(1 for d in drawn.values() if d["png"])

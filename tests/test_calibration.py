@@ -151,3 +151,44 @@ def test_predict_applies_the_models_temperature_and_sets(tmp_path: Path) -> None
         assert set(filter(None, narrow_row["prediction_set"].split("|"))) <= set(
             filter(None, wide_row["prediction_set"].split("|"))
         )
+
+
+def test_an_ensemble_gives_the_mean_its_spread_and_the_union_of_sets(tmp_path: Path) -> None:
+    from fedpath.client.predict import PredictError, check_ensemble
+    from tests.helpers import write_csv, write_feature_file
+
+    rows = []
+    for i in range(4):
+        path = write_feature_file(tmp_path / f"s{i}.h5", n_tiles=6, dim=8, seed=i, slide_id=f"s{i}")
+        rows.append([f"s{i}", f"P{i}", "H1", "a", str(path)])
+    manifest = write_csv(tmp_path / "m.csv", ["slide_id", "patient_id", "site", "label", "features"], rows)
+    members = []
+    for seed, (temperature, threshold) in enumerate([(1.0, 0.5), (2.0, 0.3)]):
+        run = RunConfig(in_dim=8, num_classes=2, classes="a,b")
+        model = initial_model(run.model, in_dim=8, num_classes=2, seed=seed)
+        cal = Calibration(temperature, 0.9, threshold, 40, [0] * BINS, 0.7, 0.6, ["H1"])
+        file = tmp_path / f"run-{seed}" / "model.pt"
+        file.parent.mkdir()
+        save_checkpoint(file, Checkpoint(2, model.state_dict(), run.model_dump(), {}, 2, {}, cal.to_dict()))
+        members.append(load_for_prediction(file))
+    got = predict_slides(members, slides_from_manifest(manifest))
+    from fedpath.common.features import read_features
+
+    for r in got[:4]:
+        feats = read_features(tmp_path / f"{r['slide_id']}.h5").features
+        each = [
+            score_bag(m.model, feats, temperature=t).probs for m, t in zip(members, (1.0, 2.0), strict=True)
+        ]
+        assert float(r["prob_b"]) == pytest.approx(float(np.mean([p[1] for p in each])), abs=1e-6)
+        k = ["a", "b"].index(r["predicted"])
+        assert float(r["spread"]) == pytest.approx(float(np.std([p[k] for p in each])), abs=1e-6)
+        union = sorted({c for p, t in zip(each, (0.5, 0.3), strict=True) for c in prediction_sets(p, t)[0]})
+        assert r["prediction_set"] == "|".join("ab"[c] for c in union)
+        assert r["model_run"] == "run-0;run-1" and r["model_sha256"].count(";") == 1
+    other = RunConfig(in_dim=8, num_classes=2, classes="x,y")
+    file = tmp_path / "other" / "model.pt"
+    file.parent.mkdir()
+    model = initial_model(other.model, in_dim=8, num_classes=2, seed=0)
+    save_checkpoint(file, Checkpoint(1, model.state_dict(), other.model_dump(), {}, 1, {}, {}))
+    with pytest.raises(PredictError, match="classes"):
+        check_ensemble([members[0], load_for_prediction(file)])
