@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import zlib
 from collections import Counter, defaultdict
@@ -133,6 +134,19 @@ class Manifest:
         return rows
 
 
+def canonical_label(text: str) -> str:
+    """One spelling per class: text trimmed; a number written as a number (``1``, ``1.0`` and ``01`` are the
+    same class, ``1``; ``0.50`` is ``0.5``). Case is kept: ``LUAD`` and ``luad`` are refused, not merged."""
+    text = text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    if not math.isfinite(value):
+        return text
+    return str(int(value)) if value.is_integer() else format(value, "g")
+
+
 def _sort_labels(labels: Iterable[str]) -> tuple[str, ...]:
     unique = set(labels)
     try:
@@ -144,6 +158,30 @@ def _sort_labels(labels: Iterable[str]) -> tuple[str, ...]:
 def _resolve(base: Path, value: str) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else Path(os.path.normpath(base / p))
+
+
+def _case_variants(rows: Sequence[tuple[int, dict[str, str]]]) -> list[Problem]:
+    """Labels that differ only in case ('LUAD', 'luad'): one problem per other spelling, naming both spellings
+    and the line where each first appears (a silent extra class would be worse)."""
+    first: dict[str, int] = {}
+    for line, row in rows:
+        if row["label"]:
+            first.setdefault(row["label"], line)
+    by_fold: dict[str, list[str]] = defaultdict(list)
+    for label in first:
+        by_fold[label.casefold()].append(label)
+    problems = []
+    for spellings in by_fold.values():
+        for other in spellings[1:]:
+            problems.append(
+                Problem(
+                    first[other],
+                    "label",
+                    f"label '{other}' differs from '{spellings[0]}' (line {first[spellings[0]]}) only in case: "
+                    "write one class one way at every site",
+                )
+            )
+    return problems
 
 
 DELIMITERS = (",", "\t", ";", "|")
@@ -210,7 +248,10 @@ def load_manifest(
             continue  # blank line
         rows.append((line, row))
 
-    declared = tuple(str(c) for c in classes) if classes is not None else None
+    declared = tuple(canonical_label(str(c)) for c in classes) if classes is not None else None
+    for _, row in rows:
+        row["label"] = canonical_label(row["label"])
+    problems.extend(_case_variants(rows))
     found_labels = [r["label"] for _, r in rows if r["label"]]
     class_list = declared if declared is not None else _sort_labels(found_labels)
     class_index = {c: k for k, c in enumerate(class_list)}

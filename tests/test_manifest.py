@@ -182,3 +182,23 @@ def test_manifest_check_cli(tmp_path: Path, feats: Path) -> None:
     fail = run_cli("manifest", "check", str(bad))
     assert fail.returncode == 1
     assert "line 3, column 'slide_id': duplicate slide 'a'" in fail.stderr
+
+
+def test_numbers_that_are_the_same_number_are_one_class(tmp_path: Path, feats: Path) -> None:
+    """Sites labelled 0/1 and one labelled 0.0/1.0: two classes, not four (as before this rule)."""
+    rows = good_rows()
+    rows[2][3], rows[3][3] = "1.0", "0.0"
+    m = load_manifest(write_csv(tmp_path / "m.csv", HEADER, rows))
+    assert m.classes == ("0", "1") and [s.label for s in m.slides] == ["0", "0", "1", "0"]
+    assert [s.label_index for s in m.slides] == [0, 0, 1, 0]
+    declared = load_manifest(write_csv(tmp_path / "d.csv", HEADER, rows), classes=["0.0", "1"])
+    assert declared.classes == ("0", "1")
+    rows[0][3], rows[1][3], rows[2][3], rows[3][3] = " LUAD", "LUAD ", "LUSC", "LUAD"
+    assert load_manifest(write_csv(tmp_path / "t.csv", HEADER, rows)).classes == ("LUAD", "LUSC")
+
+
+def test_labels_that_differ_only_in_case_are_an_error_naming_both(tmp_path: Path, feats: Path) -> None:
+    rows = good_rows()
+    rows[0][3], rows[1][3], rows[2][3], rows[3][3] = "LUAD", "LUAD", "LUSC", "luad"
+    err = str(error_of(write_csv(tmp_path / "m.csv", HEADER, rows)))
+    assert "line 5, column 'label': label 'luad' differs from 'LUAD' (line 2) only in case" in err
