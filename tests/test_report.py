@@ -717,6 +717,11 @@ def test_calibration_table_counts_coverage_abstention_and_accuracy(tmp_path: Pat
     report = write_report(tmp_path, n_boot=N_BOOT).markdown.read_text()
     assert "Calibration and abstention at each test site" in report
     assert "| unseen hospitals (LOSO) | pooled | site-A | " in report and "| 75 % (-15) | 25 % |" in report
+    # the leading method's sets cover 75 % against 90 %: a warning among the findings says so
+    assert "pooled's 90 % prediction sets held the right class for only 75 %" in report
+    wide = [CalibrationRow("loso", "pooled", "site-A", 0, 1.0, 1.0, 0.9, "x")]  # every class always: 100 %
+    write_calibration(tmp_path / "calibration.csv", wide)
+    assert "prediction sets held" not in write_report(tmp_path, n_boot=N_BOOT).markdown.read_text()
     # a temperature that softens moves ECE: the table shows before and after
     hot = [CalibrationRow("loso", "pooled", "site-A", 0, 3.0, 0.55, 0.9, "x")]
     softened = analyse(rows, calibration=hot, n_boot=N_BOOT).calibration[("loso", "pooled", "site-A")]

@@ -209,6 +209,7 @@ def findings(analysis: Analysis) -> list[str]:
         if reference is not None:
             text += f"; without DP, {reference.method} reached {estimate_text(reference.auroc)}"
         out.append(text + ".")
+    warnings += _coverage_warnings(analysis, lead)
     flagged = [s for s in analysis.per_site.values() if s.warning]
     if flagged:
         sites = sorted({s.test_site for s in flagged}, key=natural_key)
@@ -224,6 +225,28 @@ def findings(analysis: Analysis) -> list[str]:
             "training noise (at least 3 seeds are needed to see the spread)."
         )
     return warnings + out
+
+
+def _coverage_warnings(analysis: Analysis, lead: Summary | None) -> list[str]:
+    """A warning when the leading method's prediction sets, at hospitals it never saw, cover clearly less than
+    they promise: its 'I don't know' cannot be relied on there (the coverage guarantee holds only for patients
+    like its validation patients)."""
+    if lead is None or "loso" not in analysis.protocols:
+        return []
+    rows = [c for (p, m, _), c in analysis.calibration.items() if (p, m) == ("loso", lead.method)]
+    if not rows:
+        return []
+    coverage = sum(c.coverage for c in rows) / len(rows)
+    target = rows[0].target
+    if coverage >= target - 0.05:
+        return []
+    worst = min(rows, key=lambda c: c.coverage)
+    return [
+        f"⚠ At hospitals it never saw, {lead.method}'s {100 * target:.0f} % prediction sets held the right class "
+        f"for only {100 * coverage:.0f} % of patients on average ({100 * worst.coverage:.0f} % at "
+        f"{worst.test_site}): its calibration and abstention, fitted on its training hospitals' validation "
+        "patients, do not carry to a new hospital here; check them on local patients before relying on them."
+    ]
 
 
 def left_out_of_findings(analysis: Analysis) -> list[str]:
