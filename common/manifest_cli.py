@@ -25,6 +25,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--require", choices=["features", "slide"], help="demand this path column on every row"
     )
     check.add_argument("--no-file-check", action="store_true", help="do not check that feature files exist")
+    check.add_argument(
+        "--deep",
+        action="store_true",
+        help="open every feature file (readable, tiles, finite values, one dimension and one encoder across "
+        "the cohort) and check every slide path",
+    )
 
 
 def format_summary(manifest: object) -> str:
@@ -66,7 +72,19 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{len(err.problems)} problem(s) in {args.file}:\n{err}", file=sys.stderr)
         return 1
     print(format_summary(manifest))
-    print(f"\n{args.file}: OK, {len(manifest.sites)} sites, classes {list(manifest.classes)}")
+    if args.deep:
+        from tqdm import tqdm
+
+        from fedpath.common.cohortcheck import check_files, file_problems_text
+
+        with tqdm(total=len(manifest.slides), unit="slide", desc="deep check", disable=None) as bar:
+            problems = check_files(manifest, progress=bar.update)
+        if problems:
+            print(f"{len(problems)} problem(s) in the files of {args.file}:", file=sys.stderr)
+            print(file_problems_text(manifest.path, problems), file=sys.stderr)
+            return 1
+    checked = " (every feature file read, every slide path found)" if args.deep else ""
+    print(f"\n{args.file}: OK{checked}, {len(manifest.sites)} sites, classes {list(manifest.classes)}")
     return 0
 
 

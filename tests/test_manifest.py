@@ -202,3 +202,48 @@ def test_labels_that_differ_only_in_case_are_an_error_naming_both(tmp_path: Path
     rows[0][3], rows[1][3], rows[2][3], rows[3][3] = "LUAD", "LUAD", "LUSC", "luad"
     err = str(error_of(write_csv(tmp_path / "m.csv", HEADER, rows)))
     assert "line 5, column 'label': label 'luad' differs from 'LUAD' (line 2) only in case" in err
+
+
+def test_deep_check_opens_every_file_and_names_line_and_file(tmp_path: Path) -> None:
+    """Broken feature files that the plain check passes: not HDF5, NaN values, another dimension, no tiles,
+    another encoder; and a slide path that does not exist. Each is named with its line and file."""
+    import numpy as np
+
+    from fedpath.common.features import FeatureMeta, write_features
+
+    d = tmp_path / "feats"
+    d.mkdir()
+    names = ["ok1", "ok2", "ok3", "text", "nan", "dim", "empty", "vit"]
+    for i, name in enumerate(names[:3]):
+        write_feature_file(d / f"{name}.h5", seed=i, slide_id=name)
+    (d / "text.h5").write_text("not an HDF5 file")
+    meta = FeatureMeta("x", "test", "none", 224, 112.0, 0.5)
+    write_features(d / "nan.h5", np.full((4, 8), np.nan), np.zeros((4, 2)), meta)
+    write_feature_file(d / "dim.h5", dim=16, slide_id="dim")
+    write_features(d / "empty.h5", np.zeros((0, 8)), np.zeros((0, 2)), meta)
+    write_features(
+        d / "vit.h5", np.ones((3, 8)), np.zeros((3, 2)), FeatureMeta("v", "vit_large", "abc", 224, 112.0, 0.5)
+    )
+    rows = [
+        [n, f"p{i}", "H1" if i % 2 else "H2", str(i % 2), f"feats/{n}.h5", ""] for i, n in enumerate(names)
+    ]
+    rows[0][5] = "/nope/a.svs"
+    manifest = write_csv(tmp_path / "m.csv", [*HEADER, "slide"], rows)
+    plain = run_cli("manifest", "check", str(manifest))
+    assert plain.returncode == 0, plain.stderr  # what the plain check lets through
+    deep = run_cli("manifest", "check", str(manifest), "--deep")
+    assert deep.returncode == 1
+    err = deep.stderr
+    assert "6 problem(s)" in err, err
+    assert "line 2, column 'slide': /nope/a.svs: slide file does not exist" in err
+    assert "line 5, column 'features'" in err and "text.h5: not a readable HDF5 feature file" in err
+    assert "line 6, column 'features'" in err and "NaN" in err
+    assert "line 7, column 'features': 16-dimensional features, but 8 in most files (e.g. line 2)" in err
+    assert "line 8, column 'features'" in err and "holds no tiles" in err
+    assert (
+        "line 9, column 'features': made otherwise than most files: encoder: most files 'test', features 'vit_large'"
+        in err
+    )
+    good = write_csv(tmp_path / "good.csv", HEADER, [r[:5] for r in rows[:3]])
+    ok = run_cli("manifest", "check", str(good), "--deep")
+    assert ok.returncode == 0 and "every feature file read" in ok.stdout, ok.stderr
