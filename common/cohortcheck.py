@@ -78,3 +78,16 @@ def check_files(
 
 def file_problems_text(manifest_path: Path, problems: list[Problem]) -> str:
     return "\n".join(p.render(manifest_path) for p in problems)
+
+
+def precheck(manifest: Manifest) -> str | None:
+    """The cheap part (headers and paths, no feature values), run before a federation or a grid starts: a
+    message naming every problem and what to run next, or None."""
+    problems = check_files(manifest, read_values=False)
+    if not problems:
+        return None
+    return (
+        f"{len(problems)} problem(s) in the cohort's files; nothing was started:\n"
+        f"{file_problems_text(manifest.path, problems)}\n"
+        f"fix them (`fedpath manifest check --deep {manifest.path}` checks every value too)"
+    )

@@ -61,6 +61,7 @@ import numpy as np
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from fedpath.common.atomic import write_text_atomic
+from fedpath.common.cohortcheck import precheck
 from fedpath.common.manifest import (
     Manifest,
     PatientSplit,
@@ -770,6 +771,9 @@ def run_comparison(
     started = time.perf_counter()
     out = out.resolve()
     manifest = load_manifest(manifest_path)
+    problems = precheck(manifest)
+    if problems:
+        raise CompareError(problems)
     jobs = plan(manifest, config)
     check_names(jobs)
     state = {"cohort": cohort_fingerprint(manifest), **config.training()}

@@ -32,6 +32,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from fedpath.common.cohortcheck import precheck
     from fedpath.common.manifest import ManifestError, load_manifest
     from fedpath.server.runfolder import RunFolder, load_model
     from fedpath.simulation.simulate import SimulationError, federation_config, held_out_auroc, simulate
@@ -51,9 +52,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"sites derived ({args.sites_from}) into {cohort.manifest}")
         args.manifest = cohort.manifest
     try:
-        sites = load_manifest(args.manifest).sites
+        manifest = load_manifest(args.manifest)
     except ManifestError as err:
         raise UserError(f"invalid manifest:\n{err}") from err
+    sites = manifest.sites
+    problems = precheck(manifest)
+    if problems:
+        raise UserError(problems)
     try:
         run = federation_config(
             args.manifest, run_dir=out, resume=args.resume, **run_settings(args, len(sites))

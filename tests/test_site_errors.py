@@ -302,12 +302,36 @@ def test_run_with_a_faulty_site_records_no_identifier_anywhere(tmp_path: Path) -
     assert broken.name in site_logs and "Traceback" in site_logs
 
 
+def nan_features(manifest_path: Path, site: str) -> Path:
+    """Fill the feature file of `site`'s first training patient with NaN: its header still reads (the check
+    before a run starts passes), training on it fails."""
+    manifest = load_manifest(manifest_path)
+    first = sorted(split_patients(manifest)[site].train)[0]
+    slide = next(s for s in manifest.slides if s.patient_id == first)
+    assert slide.features is not None
+    with h5py.File(slide.features, "r+") as f:
+        f["features"][...] = np.nan
+    return Path(slide.features)
+
+
+def test_simulate_refuses_unreadable_feature_files_before_starting(tmp_path: Path) -> None:
+    manifest = make_cohort(tmp_path / "cohort", sites=2, slides=24, shift=0.5)
+    broken = break_site(manifest, "site-B")
+    out = tmp_path / "run"
+    cmd = [FEDPATH, "simulate", "--manifest", str(manifest), "--out", str(out), "--rounds", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    line = next(s.line for s in load_manifest(manifest).slides if s.features == broken)
+    assert f"line {line}, column 'features': {broken}: not a readable HDF5 feature file" in done.stderr
+    assert "nothing was started" in done.stderr and not out.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("shared_ray")
 def test_run_in_which_no_site_trained_ends_non_zero_and_says_why(tmp_path: Path) -> None:
     manifest = make_cohort(tmp_path / "cohort", sites=2, slides=24, shift=0.5)
     for site in ("site-A", "site-B"):
-        break_site(manifest, site)
+        nan_features(manifest, site)
     out = tmp_path / "run"
     cmd = [FEDPATH, "simulate", "--manifest", str(manifest), "--out", str(out), "--rounds", "1"]
     done = subprocess.run([*cmd, "--min-sites", "1"], capture_output=True, text=True, timeout=600)
