@@ -542,7 +542,12 @@ def train_federation(
     not run again.
     """
     from fedpath.server.runfolder import RunFolder, RunFolderError, load_model
-    from fedpath.simulation.simulate import SimulationError, federation_config, simulate
+    from fedpath.simulation.simulate import (
+        SimulationError,
+        federation_config,
+        simulate,
+        sites_that_never_trained,
+    )
 
     manifest_path = federation_manifest(manifest, job, folder)
     run_dir = (folder / "federation").resolve()
@@ -584,6 +589,13 @@ def train_federation(
             f"{run_dir / 'privacy'}: this fedpath's ClientApp did not apply DP-SGD everywhere, so ε would be a "
             "claim, not a guarantee; no cell was written. "
             "Leave fedprox-dp out of --methods until DP training is available."
+        )
+    never = sites_that_never_trained(runs.read_rounds(), len(job.train_sites))
+    if never:
+        raise CompareError(
+            f"{job.describe()}: "
+            + "; ".join(f"site {s} trained in no round ({why})" for s, why in never.items())
+            + f"; the federation would stand for fewer sites than the grid says (logs in {run_dir / 'site-logs'})"
         )
     model, ckpt = load_model(runs.model)
     return Trained(

@@ -188,6 +188,22 @@ def simulate(
     return SimulationResult(run_dir, status, seconds, started_at, rounds, max(0.0, seconds - training))
 
 
+def sites_that_never_trained(rounds: list[dict[str, Any]], sites: int) -> dict[str, str]:
+    """Sites whose training update went into no round, with the reason of their last round; a site that never
+    replied at all shows as 'never replied' (the round log names only sites that did). Empty: every site
+    trained at least once."""
+    trained = {s for line in rounds for s, e in line["sites"].items() if e["status"] == "ok" and e["train"]}
+    last: dict[str, str] = {}
+    for line in rounds:
+        for site, entry in line["sites"].items():
+            if site not in trained:
+                last[site] = entry.get("reason") or entry["status"]
+    missing = sites - len(trained) - len(last)
+    if missing > 0:
+        last[f"{missing} more site(s)"] = "never replied"
+    return last
+
+
 @dataclass(frozen=True)
 class HeldOut:
     """A model's result on one site's held-out test patients (patient level)."""

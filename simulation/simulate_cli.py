@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from fedpath.common.cli import Command, UserError
@@ -35,7 +36,13 @@ def _run(args: argparse.Namespace) -> int:
     from fedpath.common.cohortcheck import precheck
     from fedpath.common.manifest import ManifestError, load_manifest
     from fedpath.server.runfolder import RunFolder, load_model
-    from fedpath.simulation.simulate import SimulationError, federation_config, held_out_auroc, simulate
+    from fedpath.simulation.simulate import (
+        SimulationError,
+        federation_config,
+        held_out_auroc,
+        simulate,
+        sites_that_never_trained,
+    )
 
     out: Path = args.out.resolve()
     if args.sites_from != "manifest":
@@ -83,6 +90,12 @@ def _run(args: argparse.Namespace) -> int:
         f"\ndone in {result.seconds:.0f} s; outputs in {out}/ ({folder.model.name}, {folder.card_md.name}, "
         f"{folder.round_log.name}, checkpoints/, server.log)"
     )
+    never = sites_that_never_trained(result.rounds, len(sites))
+    if never:
+        for site, why in never.items():
+            print(f"site {site} trained in no round ({why}); its log: {out / 'site-logs'}", file=sys.stderr)
+        print("the model was trained without them: exit 1", file=sys.stderr)
+        return 1
     return 0
 
 

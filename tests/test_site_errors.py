@@ -37,7 +37,7 @@ from fedpath.common.wire import model_to_arrays
 from fedpath.server.federation import no_training_reasons
 from fedpath.server.runfolder import RunFolder, render_model_card
 from fedpath.server.strategy import GuardedFedProx
-from fedpath.simulation.simulate import federation_config, simulate
+from fedpath.simulation.simulate import federation_config, simulate, sites_that_never_trained
 from tests.federation_helpers import make_cohort
 
 FEDPATH = str(Path(sys.executable).parent / "fedpath")
@@ -292,6 +292,13 @@ def test_run_with_a_faulty_site_records_no_identifier_anywhere(tmp_path: Path) -
         assert bad["reason"] == f"error code {SITE_DATA_ERROR}: {SITE_ERRORS[SITE_DATA_ERROR]}"
         assert line["sites"]["site-A"]["status"] == "ok"
     assert f"code {SITE_DATA_ERROR}" in folder.card_md.read_text() and folder.model.exists()
+    # `fedpath simulate` exits 1 naming the site, and compare fails the job (simulation/simulate.py)
+    never = sites_that_never_trained(lines, 2)
+    assert list(never) == ["site-B"] and str(SITE_DATA_ERROR) in never["site-B"]
+    assert sites_that_never_trained(lines, 3) == {
+        "site-B": never["site-B"],
+        "1 more site(s)": "never replied",
+    }
     server_log = (tmp_path / "run" / "server.log").read_text()
     assert "site-B" in server_log and str(SITE_DATA_ERROR) in server_log  # the log does tell what happened
     everything = _run_dir_text(tmp_path / "run")
