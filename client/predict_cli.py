@@ -115,8 +115,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.heatmaps:
         from fedpath.client.heatmaps import write_heatmaps
 
+        sides = {slide.slide_id: _tile_side_px(infos[slide.slide_id]) for slide in slides}  # checked first
+
         def on_slide(slide: Any, coords: Any, _features: Any, scores: Any) -> None:
-            info = infos[slide.slide_id]
             if coords is None:
                 drawn[slide.slide_id] = {"png": None, "geojson": None, "gallery": None}
                 print(f"heatmaps: slide '{slide.slide_id}' skipped: its feature file has no tile coordinates")
@@ -129,7 +130,7 @@ def _run(args: argparse.Namespace) -> int:
                 args.out / "heatmaps",
                 slide.slide_id,
                 coords,
-                _tile_side_px(info),
+                sides[slide.slide_id],
                 maps,
                 slide.slide_path,
                 top_k=args.top_k,
@@ -149,6 +150,7 @@ def _run(args: argparse.Namespace) -> int:
             progress=bar.update,
             evidence=args.heatmaps,
             coverage=args.coverage,
+            infos=infos,
         )
     summary = {
         **pr.identity(models),
