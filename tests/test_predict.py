@@ -198,3 +198,34 @@ def test_a_site_whose_labels_differ_from_the_runs_classes_is_incompatible() -> N
         check_compatible(site, run)
     check_compatible(SiteData("H2", [], [], 0, 8, 2, ("LUAD", "LUSC")), run)
     check_compatible(SiteData("H3", [], [], 0, 8, 2, ("a", "b")), RunConfig(in_dim=8))  # no classes stated
+
+
+def test_stamp_and_trident_feature_folders_are_predicted_and_checked(tmp_path: Path) -> None:
+    """A folder of STAMP and CLAM/TRIDENT files (their own layouts, read unchanged): one row per slide and per
+    patient; the STAMP file's extractor is checked against the model's encoder like a fedpath file's."""
+    import h5py
+
+    from fedpath.client.predict import PredictError, check_inputs, slides_from_folder
+
+    folder = tmp_path / "feats"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    with h5py.File(folder / "stamp-slide.h5", "w") as f:
+        f["feats"] = rng.normal(size=(4, 8)).astype(np.float16)
+        f["coords"] = np.array([[0.0, 0.0], [256.0, 0.0], [0.0, 256.0], [256.0, 256.0]])
+        f.attrs.update({"extractor": "uni", "tile_size_um": 256.0})
+    with h5py.File(folder / "trident-slide.h5", "w") as f:
+        f["features"] = rng.normal(size=(1, 3, 8)).astype(np.float32)
+        f.create_dataset("coords", data=np.array([[[0, 0], [448, 0], [0, 448]]])).attrs["patch_size"] = 448
+    loaded = load_for_prediction(model_file(tmp_path / "run" / "model.pt", 8, {"encoder": "uni"}))
+    slides = slides_from_folder(folder)
+    infos, mismatches = check_inputs(loaded, slides, allow_mismatch=False)
+    assert set(infos) == {"stamp-slide", "trident-slide"} and mismatches == {}
+    got = predict_slides(loaded, slides, infos=infos)
+    assert [(r["level"], r["patient_id"], r["tiles"]) for r in got] == [
+        ("slide", "stamp-slide", 4), ("slide", "trident-slide", 3),
+        ("patient", "stamp-slide", 4), ("patient", "trident-slide", 3),
+    ]  # fmt: skip
+    other = load_for_prediction(model_file(tmp_path / "other" / "model.pt", 8, {"encoder": "conch"}))
+    with pytest.raises(PredictError, match=r"stamp-slide.*encoder: model 'conch', features 'uni'"):
+        check_inputs(other, slides, allow_mismatch=False)
