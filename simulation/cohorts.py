@@ -518,3 +518,53 @@ def mil_cohort(
     }
     write_text_atomic(info_path, json.dumps(info, indent=2) + "\n")
     return _cohort_of(manifest_path, name, notes)
+
+
+def site_table(
+    manifest_path: Path,
+    *,
+    val_fraction: float,
+    test_fraction: float = 0.0,
+    split_seed: int,
+    local: bool = True,
+) -> list[str]:
+    """The cohort at a glance, printed before a grid or a federation starts: per site its patients, their
+    labels, the patients it trains on (LOSO: all but validation; `test_fraction` held back otherwise) and, with
+    `local`, what that means for its local model."""
+    from fedpath.common.manifest import load_manifest, split_patients
+    from fedpath.simulation.verdicts import MIN_HOSPITAL_CLASSES, MIN_HOSPITAL_PATIENTS
+
+    manifest = load_manifest(manifest_path)
+    labels = manifest.patient_labels()
+    splits = split_patients(manifest, val=val_fraction, test=test_fraction, seed=split_seed)
+    rows = [["site", "patients", *(f"label {c}" for c in manifest.classes), "training"]]
+    if local:
+        rows[0][-1] = "training (LOSO)"
+        rows[0].append("its local model")
+    for site in manifest.sites:
+        patients = [p for p, slides in manifest.patients().items() if slides[0].site == site]
+        counts = Counter(labels[p] for p in patients)
+        train = splits[site].train
+        row = [
+            site,
+            str(len(patients)),
+            *(str(counts.get(k, 0)) for k in range(len(manifest.classes))),
+            str(len(train)),
+        ]
+        if local:
+            if len({labels[p] for p in train}) < MIN_HOSPITAL_CLASSES:
+                row.append("one class only: trained and shown, never the best hospital; AUROC undefined here")
+            elif len(train) < MIN_HOSPITAL_PATIENTS:
+                row.append(
+                    f"too small to train alone (< {MIN_HOSPITAL_PATIENTS}): shown, never the best hospital"
+                )
+            else:
+                row.append("a candidate for the best hospital")
+        rows.append(row)
+    sized = len(rows[0]) - (1 if local else 0)
+    widths = [max(len(r[i]) for r in rows) for i in range(sized)]
+    lines = [
+        "  ".join([c.ljust(w) for c, w in zip(r[:sized], widths, strict=True)] + r[sized:]).rstrip()
+        for r in rows
+    ]
+    return [*lines, "every site takes part in every federation it is not held out of"] if local else lines

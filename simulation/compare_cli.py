@@ -118,6 +118,8 @@ def run_and_report(
     """Run the grid over `cohort`, print the headline per protocol and where the report went."""
     from dataclasses import asdict
 
+    from fedpath.common.manifest import ManifestError
+    from fedpath.simulation.cohorts import site_table
     from fedpath.simulation.compare import (
         CompareError,
         comparison_lines,
@@ -126,8 +128,14 @@ def run_and_report(
         run_comparison,
     )
 
-    sizes = ", ".join(f"{s} ({n})" for s, n in cohort.sites.items())
-    print(f"cohort: {len(cohort.sites)} sites (patients): {sizes}")
+    print(f"cohort: {len(cohort.sites)} sites")
+    try:
+        for line in site_table(
+            cohort.manifest, val_fraction=config.val_fraction, split_seed=config.split_seed
+        ):
+            print(f"  {line}")
+    except ManifestError as err:
+        raise UserError(f"invalid manifest:\n{err}") from err
     for note in cohort.notes:
         print(f"  {note}")
     info = {k: v for k, v in asdict(cohort).items() if k != "manifest"} | {"manifest": str(cohort.manifest)}

@@ -36,6 +36,7 @@ def _run(args: argparse.Namespace) -> int:
     from fedpath.common.cohortcheck import precheck
     from fedpath.common.manifest import ManifestError, load_manifest
     from fedpath.server.runfolder import RunFolder, load_model
+    from fedpath.simulation.cohorts import site_table
     from fedpath.simulation.simulate import (
         SimulationError,
         federation_config,
@@ -73,6 +74,12 @@ def _run(args: argparse.Namespace) -> int:
     except ValidationError as err:
         raise UserError(f"invalid settings: {err}") from err
     check_run_folder(RunFolder(out), run)
+    table = site_table(
+        args.manifest, val_fraction=run.val_fraction, test_fraction=run.test_fraction, split_seed=run.split_seed,
+        local=False,
+    )  # fmt: skip
+    for line in table:
+        print(f"  {line}")
     print(
         f"FedProx (μ={run.proximal_mu}) over {len(sites)} sites ({', '.join(sites)}), {run.num_server_rounds} rounds"
     )

@@ -135,6 +135,7 @@ def test_demo_prints_a_table_per_site(tmp_path: Path) -> None:
     args = ["demo", "--out", str(out), "--sites", "3", "--slides", "40", "--dim", "8", "--rounds", "1"]
     result = run_cli(*args, "--methods", "local,pooled")
     assert result.returncode == 0, result.stderr
+    assert "its local model" in result.stdout  # the cohort table comes first: what each site is for
     table = result.stdout[result.stdout.index("LEAVE-ONE-SITE-OUT") :]
     for site in ("site-A", "site-B", "site-C"):
         assert site in table

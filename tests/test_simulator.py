@@ -416,3 +416,21 @@ def test_eta_waits_for_a_finished_job_of_each_kind(small_cohort: Path) -> None:
     )
     fedavg = len(jobs) - len(local)
     assert compare._eta(jobs, {"local": [1.0], "fedavg": [2.0, 4.0]}) == f"{len(local) + 3 * fedavg} s"
+
+
+def test_the_cohort_table_says_what_each_site_is_for(tmp_path: Path) -> None:
+    from fedpath.simulation.cohorts import site_table
+
+    rows = []
+    for site, n, labels in (("big", 30, "01"), ("tiny", 6, "01"), ("mono", 14, "1")):
+        for i in range(n):
+            path = write_feature_file(tmp_path / f"{site}{i}.h5", n_tiles=3, dim=4, slide_id=f"{site}{i}")
+            rows.append([f"{site}{i}", f"{site}-p{i}", site, labels[i % len(labels)], str(path)])
+    manifest = write_csv(tmp_path / "m.csv", ["slide_id", "patient_id", "site", "label", "features"], rows)
+    table = site_table(manifest, val_fraction=0.15, split_seed=0)
+    by_site = {line.split()[0]: line for line in table[1:-1]}
+    assert table[0].split()[:4] == ["site", "patients", "label", "0"]
+    assert by_site["big"].endswith("a candidate for the best hospital") and " 30 " in by_site["big"]
+    assert "too small to train alone (< 10)" in by_site["tiny"]
+    assert "one class only" in by_site["mono"]
+    assert table[-1].startswith("every site takes part")
