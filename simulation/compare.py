@@ -820,7 +820,9 @@ def run_comparison(
     features = feature_provenance(manifest)
     if features["random_init_files"]:
         say(f"NOTE: {RANDOM_INIT_NOTE.format(**features)}")
-    paths = render(out, cohort=cohort, config=config, n_boot=n_boot, say=say, features=features)
+    paths = render(
+        out, cohort=cohort, config=config, n_boot=n_boot, say=say, features=features, classes=manifest.classes
+    )
     sweep = finished_job_seconds(out)
     return Outcome(
         paths.html, paths.results, ran, skipped, failed, time.perf_counter() - started, sweep, overheads,
@@ -938,6 +940,7 @@ def render(
     n_boot: int = 1000,
     say: Callable[[str], None] = print,
     features: dict[str, Any] | None = None,
+    classes: Sequence[str] = (),
 ) -> ReportPaths:
     """Merge every finished cell into the report's inputs (predictions.csv, rounds.csv, validation.csv,
     training.csv, settings.json) and write the report. Cells of older runs without validation.csv or training
@@ -965,6 +968,7 @@ def render(
     _write_merged(root / "training.csv", training, write_training)
     _write_merged(root / "calibration.csv", calibration, write_calibration)
     settings = {
+        "classes": list(classes),
         "cohort": cohort or {},
         "features": features or {},
         "protocols": {p: f"test patients: {TEST_PATIENTS[p]}" for p in config.protocols},

@@ -231,6 +231,19 @@ def test_multiclass_and_single_seed_do_not_crash(tmp_path: Path) -> None:
     text = paths.markdown.read_text()
     assert "macro one-vs-rest" in text and "Only 1 training seed" in text
     assert "No leave-one-site-out (loso) results" in text
+    # three classes have no positive one: no count of 'positive' patients anywhere in the tables or findings
+    assert "| Patients |" in text and "positive)" not in text and " positive;" not in text
+    # a binary task names its second class from settings.json
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    rows2 = [
+        ["internal", "fedavg", "site-A", "0", f"p{i}", str(i % 2), f"{0.2 + 0.6 * (i % 2):.2f}"]
+        for i in range(30)
+    ]
+    write_csv(binary / "predictions.csv", [*header[:6], "score"], rows2)
+    (binary / "settings.json").write_text(json.dumps({"classes": ["benign", "tumour"]}))
+    named = write_report(binary, n_boot=N_BOOT).markdown.read_text()
+    assert "Patients (tumour)" in named and "30 patients, 15 tumour" in named and "positive)" not in named
 
 
 def test_slide_rows_are_averaged_per_patient(tmp_path: Path) -> None:

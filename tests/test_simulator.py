@@ -265,6 +265,9 @@ def test_loso_comparison_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     }
     assert calibrated[("pooled", "site-A")]["source"] == "fitted on the validation predictions"
     assert "Calibration and abstention at each test site" in (out / "report.md").read_text()
+    assert json.loads((out / "settings.json").read_text())["classes"] == list(
+        load_manifest(cohort.manifest).classes
+    )
 
     # every cell records who trained and who was tested: disjoint, and the held-out site trained nowhere
     manifest = load_manifest(cohort.manifest)

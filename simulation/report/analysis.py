@@ -268,6 +268,15 @@ class Analysis:
     has_training: bool = False  # training.csv was there
     # (protocol, method, test site) → what the models' calibration does there (calibration.csv was there)
     calibration: dict[tuple[str, str, str], CalibrationResult] = field(default_factory=dict)
+    classes: tuple[str, ...] = ()  # class labels in index order (settings.json), () when not known
+
+    @property
+    def positive(self) -> str | None:
+        """How the report names class 1 of a binary task: its label ("positive" when none is known); None
+        for more classes, where there is no positive class, only "class X vs rest"."""
+        if any(e.probs.shape[1] != 2 for e in self.evals):
+            return None
+        return self.classes[1] if len(self.classes) == 2 else "positive"
 
     def excluded(self, protocol: str, method: str) -> bool:
         """Did not learn, or inverted: shown, but in no finding, comparison or 'best' choice."""

@@ -43,12 +43,10 @@ def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _basis(s: Summary) -> str:
+def _basis(s: Summary, positive: str | None = "positive") -> str:
     where = "held-out site" if s.protocol == "loso" else "site"
-    return (
-        f"mean over {_plural(s.sites, where)} × {_plural(s.seeds, 'seed')};"
-        f" {s.patients} patients, {s.positives} positive"
-    )
+    counted = f", {s.positives} {positive}" if positive else ""
+    return f"mean over {_plural(s.sites, where)} × {_plural(s.seeds, 'seed')}; {s.patients} patients{counted}"
 
 
 def _where(protocol: str, subject: str = "it") -> str:
@@ -140,7 +138,7 @@ def findings(analysis: Analysis) -> list[str]:
     )
     if lead is not None:
         out.append(
-            f"{lead.method} reached AUROC {estimate_text(lead.auroc)} {_where(main)} ({_basis(lead)})."
+            f"{lead.method} reached AUROC {estimate_text(lead.auroc)} {_where(main)} ({_basis(lead, analysis.positive)})."
         )
     elif any(p == main for p, _ in analysis.verdicts):
         warnings.append(

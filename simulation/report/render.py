@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,7 +115,7 @@ def _comparison_table(analysis: Analysis, table: Comparison) -> list[Block]:
     operating = [k for k in ("sensitivity", "specificity", "accuracy") if k in table.metrics]
     header = ["Method", "Type", "Learned?", "AUROC [95% CI]", "± across seeds (SD)", "Balanced accuracy"]
     header += [f"{METRIC_NAMES[k].capitalize()} at threshold" for k in operating]
-    header += ["ECE", "Patients (positive)", "Sites × seeds"]
+    header += ["ECE", f"Patients ({analysis.positive})" if analysis.positive else "Patients", "Sites × seeds"]
     rows = []
     for row in table:
         s = analysis.overall.get((protocol, row.method)) if row.method else None
@@ -129,7 +129,7 @@ def _comparison_table(analysis: Analysis, table: Comparison) -> list[Block]:
             _number(row.mean_of("balanced_accuracy")),
             *(_number(row.mean_of(k)) for k in operating),
             _number(row.mean_of("ece")),
-            f"{s.patients} ({s.positives})" if s else "—",
+            (f"{s.patients} ({s.positives})" if analysis.positive else f"{s.patients}") if s else "—",
             f"{sites} × {row.seeds}" + (f" ({row.note})" if row.note else ""),
         ]
         rows.append(tuple(cells))
@@ -202,7 +202,9 @@ def _headline(analysis: Analysis) -> list[Block]:
         "fixed decision threshold. " + THRESHOLD_RULE,
         "ECE (expected calibration error): how far the model's stated confidence is from how often it is "
         "right, 0 = its probabilities can be taken at face value.",
-        "Patients (positive): distinct patients the estimate rests on, and how many of them are positive.",
+        "Patients (class): distinct patients the estimate rests on and, for a two-class task, how many of them "
+        "hold its second class (named from settings.json; 'positive' when unnamed). A task of more classes has "
+        "no positive class: its AUROC is the mean of each class against the rest.",
         "Learned? " + LEARNED_RULE,
         HOSPITAL_RULE
         + " 'Best at each site (oracle)' picks among them after seeing each site's test result: an upper "
@@ -219,8 +221,8 @@ def _number(value: float) -> str:
 def _per_site(analysis: Analysis, protocol: str, colours: Mapping[str, Any]) -> list[Block]:
     sites = analysis.sites(protocol)
     header = ["Method"] + [
-        f"{t} ({analysis.site_patients(protocol, t)} patients, {analysis.site_positives(protocol, t)} "
-        "positive)"
+        f"{t} ({analysis.site_patients(protocol, t)} patients"
+        + (f", {analysis.site_positives(protocol, t)} {analysis.positive})" if analysis.positive else ")")
         for t in sites
     ]
     rows = []
@@ -522,6 +524,12 @@ def read_analysis(
     """The analysis of a run folder's predictions.csv (and its optional inputs, see the module docstring)."""
     run_dir = Path(run_dir)
     rows = load_predictions(run_dir / "predictions.csv")
+    settings_path = run_dir / "settings.json"
+    classes = (
+        tuple(str(c) for c in load_settings(settings_path).get("classes", ()))
+        if settings_path.exists()
+        else ()
+    )
     optional = {
         name: run_dir / name for name in ("rounds.csv", "validation.csv", "training.csv", "calibration.csv")
     }
@@ -531,10 +539,11 @@ def read_analysis(
     calibration = (
         load_calibration(optional["calibration.csv"]) if optional["calibration.csv"].exists() else []
     )
-    return analyse(
+    analysis = analyse(
         rows, rounds, validation=validation, training=training, calibration=calibration, n_boot=n_boot,
         progress=progress,
     )  # fmt: skip
+    return replace(analysis, classes=classes)
 
 
 def write_analysis(
