@@ -279,6 +279,26 @@ def plan(manifest: Manifest, config: CompareConfig) -> list[Job]:
     return sorted(jobs, key=lambda j: (j.federated, j.seed if j.federated else 0))
 
 
+def describe_plan(manifest: Manifest, config: CompareConfig) -> list[str]:
+    """The grid a dry run prints: every job with the patients it trains, validates and tests on, and the
+    totals; from the manifest alone (no feature file is opened, nothing is trained or written)."""
+    jobs = plan(manifest, config)
+    lines = []
+    for job in jobs:
+        tests = ", ".join(f"{c.test_site} ({len(c.test_patients)})" for c in job.cells)
+        lines.append(
+            f"{job.protocol:<8} seed {job.seed}  {job.method:<24} train {len(job.train_patients):>4} / "
+            f"val {len(job.val_patients):>3} patients at {', '.join(job.train_sites)}; test at {tests}"
+        )
+    federations = sum(1 for j in jobs if j.federated)
+    cells = sum(len(j.cells) for j in jobs)
+    lines.append(
+        f"{len(jobs)} jobs ({federations} federations on Flower's simulation engine, {len(jobs) - federations} "
+        f"baselines), {cells} cells; nothing was trained or written"
+    )
+    return lines
+
+
 def fold_name(fold: int, folds: int) -> str:
     """The test site of cv fold `fold` (0-based) in cells and folders: ``fold-01``, zero-padded to sort right."""
     return f"fold-{fold + 1:0{max(2, len(str(folds)))}d}"

@@ -192,6 +192,43 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_synthetic_options(p, sites=4, slides=160, dim=32, group=c)
     add_mil_options(c)
     add_grid_options(p, methods="local,pooled,fedavg,fedprox", seeds=3)
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the cohort and every job's patients; run nothing"
+    )
+
+
+def dry_run(args: argparse.Namespace, config: CompareConfig) -> int:
+    """The cohort and the grid, from a cohort made in a temporary folder: nothing is written into --out."""
+    import tempfile
+
+    from fedpath.common.manifest import ManifestError, load_manifest
+    from fedpath.simulation.cohorts import CohortError, derive_cohort, site_table
+    from fedpath.simulation.compare import CompareError, describe_plan
+
+    with tempfile.TemporaryDirectory(prefix="fedpath-dry-run-") as tmp:
+        try:
+            if args.cohort == "synthetic":
+                cohort = synthetic(args, Path(tmp) / "cohort")
+            elif args.cohort in MIL_COHORTS:
+                cohort = musk(args, Path(tmp) / "cohort")
+            else:
+                cohort = derive_cohort(
+                    args.manifest,
+                    Path(tmp) / "cohort.csv",
+                    source=args.cohort,
+                    min_patients=args.min_site_patients,
+                )
+            table = site_table(
+                cohort.manifest, val_fraction=config.val_fraction, split_seed=config.split_seed
+            )
+            grid = describe_plan(load_manifest(cohort.manifest), config)
+        except (CohortError, CompareError, ManifestError) as err:
+            raise UserError(str(err)) from err
+    print(f"cohort: {len(cohort.sites)} sites")
+    for line in [*table, *cohort.notes]:
+        print(f"  {line}")
+    print("\n".join(grid))
+    return 0
 
 
 def add_mil_options(g: argparse._ArgumentGroup) -> None:
@@ -238,6 +275,12 @@ def _run(args: argparse.Namespace) -> int:
     made = args.cohort == "synthetic" or args.cohort in MIL_COHORTS
     if made and args.manifest is not None:
         raise UserError(f"--manifest and --cohort {args.cohort} exclude each other: pick one cohort")
+    if args.dry_run:
+        if not made and args.manifest is None:
+            raise UserError(
+                "give the cohort to plan: --manifest M, --cohort synthetic or --cohort musk1|musk2"
+            )
+        return dry_run(args, config)
     if args.cohort == "synthetic":
         cohort = synthetic(args, out / "cohort")
     elif args.cohort in MIL_COHORTS:

@@ -437,3 +437,24 @@ def test_the_cohort_table_says_what_each_site_is_for(tmp_path: Path) -> None:
     assert "too small to train alone (< 10)" in by_site["tiny"]
     assert "one class only" in by_site["mono"]
     assert table[-1].startswith("every site takes part")
+
+
+def test_dry_run_prints_every_jobs_patients_and_writes_nothing(
+    small_cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedpath.common.cli import main as fedpath_main
+
+    out = tmp_path / "run"
+    args = ["compare", "--out", str(out), "--manifest", str(small_cohort), "--methods", "local,fedprox"]
+    assert fedpath_main([*args, "--seeds", "2", "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    config = CompareConfig(methods=("local", "fedprox"), seeds=2)
+    jobs = plan(load_manifest(small_cohort), config)
+    assert said.count(" train ") == len(jobs) and "its local model" in said
+    assert f"{len(jobs)} jobs ({sum(j.federated for j in jobs)} federations" in said
+    assert "nothing was trained or written" in said and not out.exists()
+    first = next(j for j in jobs if j.family == "local")
+    assert (
+        f"train {len(first.train_patients):>4} / val {len(first.val_patients):>3} patients at {first.train_sites[0]}"
+        in said
+    )
