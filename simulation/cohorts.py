@@ -553,13 +553,11 @@ def site_table(
         ]
         if local:
             if len({labels[p] for p in train}) < MIN_HOSPITAL_CLASSES:
-                row.append("one class only: trained and shown, never the best hospital; AUROC undefined here")
+                row.append("none: one class only (AUROC undefined when tested here)")
             elif len(train) < MIN_HOSPITAL_PATIENTS:
-                row.append(
-                    f"too small to train alone (< {MIN_HOSPITAL_PATIENTS}): shown, never the best hospital"
-                )
+                row.append(f"none: too small to train alone (< {MIN_HOSPITAL_PATIENTS} training patients)")
             else:
-                row.append("a candidate for the best hospital")
+                row.append("trained, a candidate for the best hospital")
         rows.append(row)
     sized = len(rows[0]) - (1 if local else 0)
     widths = [max(len(r[i]) for r in rows) for i in range(sized)]

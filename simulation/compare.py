@@ -83,6 +83,7 @@ from fedpath.simulation.headline import (
     load_results,
 )
 from fedpath.simulation.headline import paired_difference as paired_mean_difference
+from fedpath.simulation.verdicts import MIN_HOSPITAL_CLASSES, MIN_HOSPITAL_PATIENTS
 
 if TYPE_CHECKING:
     from fedpath.simulation.simulate import SimulationEngine
@@ -331,7 +332,7 @@ def _seed_jobs(
             s: frozenset(p for p, at in site_of.items() if at == s) if protocol == "loso" else splits[s].test
             for s in manifest.sites
         }
-        return _split_jobs(config, protocol, seed, split_seed, splits, tests)
+        return _split_jobs(config, protocol, seed, split_seed, splits, tests, manifest.patient_labels())
     jobs = []
     everyone = set(manifest.patients())
     for f, test in enumerate(patient_folds(manifest, config.folds, seed=split_seed)):
@@ -341,8 +342,26 @@ def _seed_jobs(
         splits = split_patients(rest, val=config.val_fraction, test=0.0, seed=split_seed)
         # a site whose patients are all in the fold sits the fold out
         splits = {s: split for s, split in splits.items() if split.train}
-        jobs += _split_jobs(config, protocol, seed, split_seed, splits, {fold_name(f, config.folds): test})
+        jobs += _split_jobs(
+            config,
+            protocol,
+            seed,
+            split_seed,
+            splits,
+            {fold_name(f, config.folds): test},
+            manifest.patient_labels(),
+        )
     return jobs
+
+
+def too_small_alone(train: frozenset[str], labels: Mapping[str, int]) -> str:
+    """Why a site's training patients cannot make a local model worth comparing ('' when they can): fewer
+    than `MIN_HOSPITAL_PATIENTS`, or one class only."""
+    if len({labels[p] for p in train if p in labels}) < MIN_HOSPITAL_CLASSES:
+        return "one class only"
+    if len(train) < MIN_HOSPITAL_PATIENTS:
+        return f"too small to train alone ({len(train)} training patients < {MIN_HOSPITAL_PATIENTS})"
+    return ""
 
 
 def _split_jobs(
@@ -352,6 +371,7 @@ def _split_jobs(
     split_seed: int,
     splits: dict[str, PatientSplit],
     tests: dict[str, frozenset[str]],
+    labels: Mapping[str, int],
 ) -> list[Job]:
     """The jobs of one patient split: `splits` holds the sites that may train (their training and validation
     patients), `tests` the test sets by cell name (a site under loso and internal, the fold under cv)."""
@@ -385,6 +405,8 @@ def _split_jobs(
     jobs = []
     if "local" in config.methods:
         for s in sites:
+            if too_small_alone(splits[s].train, labels):
+                continue  # still in every federation; the cohort table says why it has no local model
             tested = {"loso": [t for t in sites if t != s], "internal": [s]}.get(protocol, [fold])
             jobs.append(job("local", f"local:{s}", [s], fold or s, tested))
     for family, method, mu, eps in method_names(config):

@@ -180,10 +180,16 @@ def test_rerun_skips_finished_cells_and_redoes_only_missing_ones(
 ) -> None:
     out = tmp_path / "run"
     first = run_comparison(small_cohort, out, BASELINES, n_boot=20, say=lambda _: None)
-    # loso: 3 local models × 2 held-out sites + 3 pooled; internal: 3 local + pooled at 3 sites
-    assert first.cells_run == 15 and not first.failed
+    # loso: a local model × 2 held-out sites for every site big enough to train alone + 3 pooled; internal:
+    # local models of the sites big enough on their internal training split + pooled at 3 sites (the two
+    # smaller sites' internal training splits are too small to train alone)
+    jobs = plan(load_manifest(small_cohort), BASELINES)
+    local = {p: sum(1 for j in jobs if j.family == "local" and j.protocol == p) for p in ("loso", "internal")}
+    assert local == {"loso": 3, "internal": 1}
+    cells = local["loso"] * 2 + 3 + local["internal"] + 3
+    assert first.cells_run == cells == 13 and not first.failed
     markers = sorted(out.glob("cells/*/*/*/seed-*/done.json"))
-    assert len(markers) == 15
+    assert len(markers) == cells
     stamps = {p: p.stat().st_mtime_ns for p in markers}
 
     trained: list[str] = []
@@ -195,7 +201,7 @@ def test_rerun_skips_finished_cells_and_redoes_only_missing_ones(
 
     monkeypatch.setattr(compare, "train_baseline", counting)
     again = run_comparison(small_cohort, out, BASELINES, n_boot=20, say=lambda _: None)
-    assert trained == [] and again.cells_run == 0 and again.cells_skipped == 15
+    assert trained == [] and again.cells_run == 0 and again.cells_skipped == cells
     assert {p: p.stat().st_mtime_ns for p in markers} == stamps
 
     lost = out / "cells" / "loso" / "pooled" / "site-B" / "seed-0" / "done.json"
@@ -204,7 +210,7 @@ def test_rerun_skips_finished_cells_and_redoes_only_missing_ones(
     assert trained == ["loso pooled: train on site-A, site-C; test at site-B (seed 0)"]
     assert third.cells_run == 1 and lost.exists()
     with (out / "results.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 15
+        assert len(list(csv.DictReader(f))) == cells
 
 
 def test_other_training_settings_are_refused_not_mixed(small_cohort: Path, tmp_path: Path) -> None:
@@ -229,7 +235,7 @@ def test_config_rejects_unknown_methods() -> None:
 @pytest.mark.usefixtures("shared_ray")
 def test_loso_comparison_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-    cohort = synthetic_cohort(tmp_path / "cohort", sites=3, slides=42, dim=8)
+    cohort = synthetic_cohort(tmp_path / "cohort", sites=3, slides=72, dim=8)
     config = CompareConfig(methods=("local", "pooled", "fedprox"), seeds=1, rounds=1)
     out = tmp_path / "run"
     outcome = run_comparison(cohort.manifest, out, config, n_boot=50, say=lambda _: None)
@@ -433,9 +439,9 @@ def test_the_cohort_table_says_what_each_site_is_for(tmp_path: Path) -> None:
     table = site_table(manifest, val_fraction=0.15, split_seed=0)
     by_site = {line.split()[0]: line for line in table[1:-1]}
     assert table[0].split()[:4] == ["site", "patients", "label", "0"]
-    assert by_site["big"].endswith("a candidate for the best hospital") and " 30 " in by_site["big"]
-    assert "too small to train alone (< 10)" in by_site["tiny"]
-    assert "one class only" in by_site["mono"]
+    assert by_site["big"].endswith("trained, a candidate for the best hospital") and " 30 " in by_site["big"]
+    assert by_site["tiny"].endswith("none: too small to train alone (< 10 training patients)")
+    assert by_site["mono"].endswith("none: one class only (AUROC undefined when tested here)")
     assert table[-1].startswith("every site takes part")
 
 
