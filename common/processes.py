@@ -89,20 +89,28 @@ class FlowerProcess:
                 self.process.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout)
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-            pids = _marked_pids(self.marker)
-            if self.process.poll() is None:
-                pids.append(self.process.pid)
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _marked_pids(self.marker):
-                time.sleep(0.1)
+        self._signal_tree(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _marked_pids(self.marker):
+            time.sleep(0.1)
+        # SIGKILL until none is left on three scans in a row: a dying parent can start a child after the sweep
+        # that killed it (Ray's raylet starts and restarts its agents), and such a child carries the marker too
+        deadline, empty = time.monotonic() + 15.0, 0
+        while empty < 3 and time.monotonic() < deadline:
+            empty = 0 if self._signal_tree(signal.SIGKILL) else empty + 1
+            time.sleep(0.3)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(5)
+
+    def _signal_tree(self, sig: signal.Signals) -> bool:
+        """Send `sig` to every live process of the tree; whether there was any."""
+        pids = _marked_pids(self.marker)
+        if self.process.poll() is None:
+            pids.append(self.process.pid)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        return bool(pids)
 
 
 def start_process(
