@@ -238,6 +238,40 @@ def start_ray_head(
     return head
 
 
+def raylet_pids(head: FlowerProcess) -> list[int]:
+    """The raylets of a Ray head started here (found by its marker)."""
+    from fedpath.common.processes import _marked_pids
+
+    out = []
+    for pid in _marked_pids(head.marker):
+        with contextlib.suppress(OSError):
+            if b"raylet" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+    return out
+
+
+def stop_ray_agents(raylets: Sequence[int], timeout: float = 10.0) -> None:
+    """SIGKILL the agents those raylets started: Ray's dashboard and runtime-env agents can lose the marker
+    from their environment and outlive their raylet; they keep ``RAY_RAYLET_PID`` (Linux /proc only)."""
+    import os
+    import signal
+
+    needles = {f"RAY_RAYLET_PID={pid}".encode() for pid in raylets}
+    deadline = time.monotonic() + timeout
+    while needles and time.monotonic() < deadline:
+        found = []
+        for entry in Path("/proc").glob("[0-9]*"):
+            with contextlib.suppress(OSError):
+                if needles & set((entry / "environ").read_bytes().split(b"\0")):
+                    found.append(int(entry.name))
+        if not found:
+            return
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
 def submit_run(
     app_dir: Path, flwr_home: Path, *, connection: str = CONNECTION, federation_config: str | None = None
 ) -> int:
