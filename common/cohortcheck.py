@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fedpath.common.features import (
     FeatureFileError,
+    common_provenance,
     inspect_features,
     provenance,
     provenance_mismatch,
@@ -66,8 +67,7 @@ def check_files(
                     )
                 )
     if stated:
-        keyed = Counter(tuple(sorted(s.items())) for s in stated.values())
-        usual_stated = dict(keyed.most_common(1)[0][0])
+        usual_stated = common_provenance(stated.values())
         for line, found in sorted(stated.items()):
             differ = provenance_mismatch(usual_stated, found)
             if differ:

@@ -59,17 +59,22 @@ def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[s
 MARKER = "FEDPATH_FLOWER_PROCESS"
 
 
+def pids_with_environment(entries: set[bytes]) -> list[int]:
+    """Processes (other than this one) whose environment holds one of `entries` (``NAME=value``). Linux /proc
+    only."""
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if entries & set((entry / "environ").read_bytes().split(b"\0")):
+                pids.append(int(entry.name))
+    return [p for p in pids if p != os.getpid()]
+
+
 def _marked_pids(marker: str) -> list[int]:
     """Processes whose environment carries MARKER_<marker>: the ones started here and all their descendants
     (Flower detaches its SuperExec, ServerApp and simulation processes into new sessions, and Ray forks more,
     so a process group does not reach them; an inherited environment variable does). Linux /proc only."""
-    needle = f"{MARKER}_{marker}=1".encode()
-    pids = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError):
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-    return [p for p in pids if p != os.getpid()]
+    return pids_with_environment({f"{MARKER}_{marker}=1".encode()})
 
 
 @dataclass

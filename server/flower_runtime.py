@@ -238,38 +238,46 @@ def start_ray_head(
     return head
 
 
-def raylet_pids(head: FlowerProcess) -> list[int]:
-    """The raylets of a Ray head started here (found by its marker)."""
-    from fedpath.common.processes import _marked_pids
+def ray_agents(head: FlowerProcess) -> list[int]:
+    """The agents the raylets of a Ray head started here run (Ray's dashboard and runtime-env agents), found
+    while the raylets live: their children, and any process naming one in ``RAY_RAYLET_PID``. Needed because an
+    agent can lose fedpath's marker from its environment (Ray rewrites its process title over it) and outlive
+    its raylet, so `FlowerProcess.stop` does not find it. Linux /proc only."""
+    from fedpath.common.processes import _marked_pids, pids_with_environment
 
-    out = []
+    raylets = set()
     for pid in _marked_pids(head.marker):
         with contextlib.suppress(OSError):
             if b"raylet" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                out.append(pid)
-    return out
+                raylets.add(pid)
+    agents = set(pids_with_environment({f"RAY_RAYLET_PID={pid}".encode() for pid in raylets}))
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # /proc/PID/stat: "pid (name) state ppid ..."; the name may hold spaces, so split after ')'
+            if int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1]) in raylets:
+                agents.add(int(entry.name))
+    return sorted(agents)
 
 
-def stop_ray_agents(raylets: Sequence[int], timeout: float = 10.0) -> None:
-    """SIGKILL the agents those raylets started: Ray's dashboard and runtime-env agents can lose the marker
-    from their environment and outlive their raylet; they keep ``RAY_RAYLET_PID`` (Linux /proc only)."""
+def stop_ray_agents(agents: Sequence[int], timeout: float = 10.0) -> None:
+    """SIGKILL the agents `ray_agents` found before their head was stopped, until none is left."""
     import os
     import signal
 
-    needles = {f"RAY_RAYLET_PID={pid}".encode() for pid in raylets}
+    left = list(agents)
     deadline = time.monotonic() + timeout
-    while needles and time.monotonic() < deadline:
-        found = []
-        for entry in Path("/proc").glob("[0-9]*"):
-            with contextlib.suppress(OSError):
-                if needles & set((entry / "environ").read_bytes().split(b"\0")):
-                    found.append(int(entry.name))
-        if not found:
-            return
-        for pid in found:
+    while left and time.monotonic() < deadline:
+        for pid in left:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
+        left = [pid for pid in left if Path(f"/proc/{pid}/stat").exists() and not _zombie(pid)]
+
+
+def _zombie(pid: int) -> bool:
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    return False
 
 
 def submit_run(

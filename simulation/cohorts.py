@@ -541,8 +541,11 @@ def site_table(
     if local:
         rows[0][-1] = "training (LOSO)"
         rows[0].append("its local model")
+    patients_at: dict[str, list[str]] = defaultdict(list)
+    for patient, slides in manifest.patients().items():
+        patients_at[slides[0].site].append(patient)
     for site in manifest.sites:
-        patients = [p for p, slides in manifest.patients().items() if slides[0].site == site]
+        patients = patients_at[site]
         counts = Counter(labels[p] for p in patients)
         train = splits[site].train
         row = [

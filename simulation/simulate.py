@@ -102,9 +102,9 @@ class SimulationEngine:
         if self.link is not None:
             self.link.stop()
         if self.ray is not None:
-            raylets = fr.raylet_pids(self.ray)
+            agents = fr.ray_agents(self.ray)
             self.ray.stop(grace=1.0)  # a Ray cluster of this engine holds nothing worth a graceful end
-            fr.stop_ray_agents(raylets)
+            fr.stop_ray_agents(agents)
         if self.ray is not None:
             self.ray_address = ""
         self.link = self.ray = None

@@ -27,16 +27,16 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     process and ClientApp actors, but not a Ray instance of its own."""
     import tempfile
 
-    from fedpath.server.flower_runtime import raylet_pids, start_ray_head, stop_ray_agents
+    from fedpath.server.flower_runtime import ray_agents, start_ray_head, stop_ray_agents
 
     temp = Path(tempfile.mkdtemp(prefix="fedpath-ray-"))
     head = start_ray_head(tmp_path_factory.mktemp("ray-head"), temp)
     try:
         yield head.address
     finally:
-        raylets = raylet_pids(head)
+        agents = ray_agents(head)
         head.stop(grace=1.0)
-        stop_ray_agents(raylets)
+        stop_ray_agents(agents)
         shutil.rmtree(temp, ignore_errors=True)
 
 
