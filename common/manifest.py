@@ -2,7 +2,10 @@
 
 Columns: ``slide_id``, ``patient_id``, ``site``, ``label`` and at least one of ``features`` (the slide's
 feature file) and ``slide`` (the slide image). Optional: ``mpp`` (µm/px at level 0, for slides whose metadata
-lacks it). Relative paths are resolved against the manifest's folder. Any other column is kept in `extra`.
+lacks it); ``split`` (``train`` or ``test``: a cohort's own fixed test set, such as CAMELYON16's official
+test slides, which the ``official`` protocol of `fedpath compare` tests on; every slide of a patient in one part).
+Relative paths are resolved against the manifest's folder. Any other column is kept in `extra` (``split``
+canonical: trimmed, lower case).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from fedpath.common.atomic import write_text_atomic
 REQUIRED_COLUMNS = ("slide_id", "patient_id", "site", "label")
 PATH_COLUMNS = ("features", "slide")
 KNOWN_COLUMNS = (*REQUIRED_COLUMNS, *PATH_COLUMNS, "mpp")
+SPLIT_COLUMN = "split"
+SPLIT_VALUES = ("train", "test")
 MAX_LISTED_PROBLEMS = 20
 
 
@@ -109,6 +114,15 @@ class Manifest:
         for s in self.slides:
             out[s.patient_id].append(s)
         return dict(out)
+
+    @property
+    def has_official_split(self) -> bool:
+        """Whether the manifest states its own test set (a ``split`` column)."""
+        return any(SPLIT_COLUMN in s.extra for s in self.slides)
+
+    def official_test(self) -> frozenset[str]:
+        """The patients of the manifest's own test set (``split`` = ``test``); empty without that column."""
+        return frozenset(s.patient_id for s in self.slides if s.extra.get(SPLIT_COLUMN) == "test")
 
     def patient_labels(self) -> dict[str, int]:
         """A patient's label index: the most frequent among its slides (ties: the higher class)."""
@@ -259,6 +273,7 @@ def load_manifest(
     records: list[SlideRecord] = []
     first_line_of_slide: dict[str, int] = {}
     site_of_patient: dict[str, tuple[str, int]] = {}
+    split_of_patient: dict[str, tuple[str, int]] = {}
     for line, row in rows:
         for col in REQUIRED_COLUMNS:
             if not row[col]:
@@ -313,6 +328,25 @@ def load_manifest(
                     Problem(line, "mpp", f"'{row['mpp']}' is not a positive number of µm per pixel")
                 )
                 mpp = None
+        if SPLIT_COLUMN in row:
+            row[SPLIT_COLUMN] = part = row[SPLIT_COLUMN].lower()
+            if part not in SPLIT_VALUES:
+                problems.append(
+                    Problem(
+                        line, SPLIT_COLUMN, f"'{part}' is neither 'train' nor 'test' (the cohort's own split)"
+                    )
+                )
+            elif pid:
+                other, other_line = split_of_patient.setdefault(pid, (part, line))
+                if other != part:
+                    problems.append(
+                        Problem(
+                            line,
+                            SPLIT_COLUMN,
+                            f"patient '{pid}' is in '{part}' here but in '{other}' on line {other_line}; all "
+                            "of a patient's slides belong to one part",
+                        )
+                    )
         extra = {k: v for k, v in row.items() if k not in KNOWN_COLUMNS}
         records.append(
             SlideRecord(sid, pid, site, label, class_index.get(label, -1), features, slide, mpp, line, extra)
@@ -391,21 +425,27 @@ def _shuffled_strata(
 
 
 def split_patients(
-    manifest: Manifest, *, val: float = 0.15, test: float = 0.25, seed: int = 0
+    manifest: Manifest, *, val: float = 0.15, test: float = 0.25, seed: int = 0, official: bool = False
 ) -> dict[str, PatientSplit]:
     """Per-site patient-level split, stratified by the patient's label, reproducible from `seed`.
 
-    No patient appears in two parts; all of a patient's slides go where the patient goes.
+    No patient appears in two parts; all of a patient's slides go where the patient goes. `official`: the
+    test part is the manifest's own (``split`` column, `Manifest.official_test`) and `test` must be 0; the
+    other patients are split into training and validation as usual.
     """
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise ValueError(f"fractions val={val}, test={test} must be in [0, 1) and sum below 1")
+    if official and test:
+        raise ValueError("the official split fixes the test patients: give test=0")
     labels = manifest.patient_labels()
+    fixed = manifest.official_test() if official else frozenset()
     out: dict[str, PatientSplit] = {}
     for site in manifest.sites:
         # seeded by the site's name, not its position: a hospital's own one-site manifest and a simulation
         # over the whole cohort give that site the same split
         rng = np.random.default_rng([seed, zlib.crc32(site.encode("utf-8"))])
-        strata = _shuffled_strata(list(manifest.for_site(site).patients()), labels, manifest.num_classes, rng)
+        patients = list(manifest.for_site(site).patients())
+        strata = _shuffled_strata([p for p in patients if p not in fixed], labels, manifest.num_classes, rng)
         sizes = [len(s) for s in strata]
         n_test = _allocate(sizes, test)
         n_val = _allocate(
@@ -418,6 +458,7 @@ def split_patients(
             te.update(s[:nt])
             va.update(s[nt : nt + nv])
             tr.update(s[nt + nv :])
+        te.update(p for p in patients if p in fixed)
         out[site] = PatientSplit(frozenset(tr), frozenset(va), frozenset(te))
     return out
 

@@ -4,10 +4,16 @@ or the two CAMELYON16 hospitals.
 * ``manifest`` — the `site` column as it is.
 * ``tcga`` — the tissue source site (TSS) code, characters 6-7 of the TCGA barcode (``TCGA-CR-7395-...``),
   read from the patient id or else the slide id, named with the GDC table (``Source Site``, package data
-  ``data/tcga_tissue_source_sites.tsv``). One institution that submitted to several studies under several
-  codes is one site. Sites with fewer than `min_patients` patients are merged into one site ``other``: too few
-  patients give no usable AUROC at a held-out site. Codes missing from the table keep ``TSS-XX`` as name.
-  Empty patient ids are filled with the 12-character patient barcode.
+  ``data/tcga_tissue_source_sites.tsv``) and the institution that spelling names (``data/tcga_site_aliases.csv``:
+  ``UNC`` and ``University of North Carolina`` are one hospital). One institution that submitted to several
+  studies under several codes is one site. Sites with fewer than `min_patients` patients are merged into one
+  site ``other``: too few patients give no usable AUROC at a held-out site. Codes missing from the table keep
+  ``TSS-XX`` as name. Empty patient ids are filled with the 12-character patient barcode; a patient id and a
+  slide id that are barcodes of two patients are an error.
+* ``tcga-region`` — the same TSS code mapped to its region as FLamby's Fed-TCGA-BRCA defines its six centres
+  (Northeast, South, West, Midwest, Europe, Canada; package data ``data/tcga_regions.csv``). Codes FLamby's
+  centres leave out (not in its table, or its region ``Other``) go to site ``other``; small regions merge as
+  for ``tcga``.
 * ``camelyon16`` — RUMC or UMCU for each CAMELYON16 slide (``normal_001``, ``tumor_012.tif``, ``test_040``),
   as FLamby's Fed-Camelyon16 defines its centres (package data ``data/camelyon16_sites.csv``).
 
@@ -29,9 +35,10 @@ import hashlib
 import io
 import json
 import re
+import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -43,7 +50,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedpath.common.atomic import write_text_atomic
 from fedpath.common.manifest import PATH_COLUMNS, ManifestError, SlideRecord, load_manifest, write_manifest
 
-SITE_SOURCES = ("manifest", "tcga", "camelyon16")
+SITE_SOURCES = ("manifest", "tcga", "tcga-region", "camelyon16")
+TCGA_SOURCES = ("tcga", "tcga-region")
 OTHER_SITE = "other"
 TCGA_BARCODE = re.compile(r"^TCGA-([A-Z0-9]{2})-([A-Z0-9]{4})", re.IGNORECASE)
 _CAMELYON16_ID = re.compile(r"^(normal|tumor|test)_(\d{1,3})$", re.IGNORECASE)
@@ -88,10 +96,47 @@ def tss_table() -> dict[str, TissueSourceSite]:
 
 
 @cache
+def site_aliases() -> dict[str, str]:
+    """GDC spelling of a tissue source site → the institution it names, for the spellings that differ
+    (``UNC`` → ``University of North Carolina``); the table gives the reason of each."""
+    rows = csv.DictReader(io.StringIO(_data_text("tcga_site_aliases.csv")))
+    return {row["spelling"].strip(): row["institution"].strip() for row in rows}
+
+
+def tcga_institution(code: str) -> str:
+    """The site name of a TSS code: its institution (GDC spelling, aliases merged), or ``TSS-XX`` if unknown."""
+    site = tss_table().get(code)
+    return site_aliases().get(site.site, site.site) if site else f"TSS-{code}"
+
+
+# FLamby's Fed-TCGA-BRCA centres, one per region; its table's region "Other" is in none of them
+FLAMBY_REGIONS = ("Northeast", "South", "West", "Midwest", "Europe", "Canada")
+
+
+@cache
+def tcga_regions() -> dict[str, str]:
+    """FLamby's Fed-TCGA-BRCA table: TSS code → region (one of `FLAMBY_REGIONS`, or ``Other``)."""
+    rows = csv.DictReader(io.StringIO(_data_text("tcga_regions.csv")))
+    return {row["TSS Code"].strip().upper(): row["Region"].strip() for row in rows}
+
+
+@cache
 def camelyon16_table() -> dict[str, str]:
     """CAMELYON16 slide id (``normal_001``) → hospital (``RUMC`` or ``UMCU``)."""
     rows = csv.DictReader(io.StringIO(_data_text("camelyon16_sites.csv")))
     return {row["slide_id"].strip().lower(): row["site"].strip() for row in rows}
+
+
+@cache
+def camelyon16_labels() -> dict[str, str]:
+    """CAMELYON16 slide id → slide-level label (``1`` = tumour), from the same shipped table."""
+    rows = csv.DictReader(io.StringIO(_data_text("camelyon16_sites.csv")))
+    return {row["slide_id"].strip().lower(): row["label"].strip() for row in rows}
+
+
+def camelyon16_split(slide_id: str) -> str:
+    """The official CAMELYON16 split of a normalised slide id: ``test`` for ``test_NNN``, else ``train``."""
+    return "test" if slide_id.startswith("test_") else "train"
 
 
 def tss_code(barcode: str) -> str | None:
@@ -140,28 +185,52 @@ def _problems(path: Path, bad: list[tuple[int, str]], what: str, fix: str) -> Co
     return CohortError(f"{len(bad)} slide(s) {what}:\n{shown}{more}\n{fix}")
 
 
-def _tcga(
-    path: Path, rows: list[tuple[int, dict[str, str]]], min_patients: int
-) -> tuple[list[str], list[str], dict[str, list[str]]]:
-    table = tss_table()
-    codes, bad = [], []
+def _tcga_codes(path: Path, rows: list[tuple[int, dict[str, str]]], source: str) -> list[str]:
+    """The TSS code of each row, from the patient id or else the slide id. Fills empty patient ids from the slide
+    barcode and adds the `tss` column. Rows without a TCGA barcode, and rows whose patient id and slide id are
+    barcodes of two patients, are errors naming every such line."""
+    codes, bad, mismatched = [], [], []
     for line, row in rows:
-        code = tss_code(row.get("patient_id", "")) or tss_code(row["slide_id"])
+        patient, slide = row.get("patient_id", ""), row["slide_id"]
+        code = tss_code(patient) or tss_code(slide)
         if code is None:
-            bad.append(
-                (line, f"'{row['slide_id']}' (patient '{row.get('patient_id', '')}') is not a TCGA barcode")
+            bad.append((line, f"'{slide}' (patient '{patient}') is not a TCGA barcode"))
+            continue
+        of_patient, of_slide = tcga_patient(patient), tcga_patient(slide)
+        if of_patient and of_slide and of_patient != of_slide:
+            differ = (
+                f"TSS codes {tss_code(patient)} and {tss_code(slide)}"
+                if tss_code(patient) != tss_code(slide)
+                else f"{of_patient} and {of_slide}"
             )
-        else:
-            codes.append(code)
-            if not row.get("patient_id"):
-                row["patient_id"] = tcga_patient(row["slide_id"]) or ""
-            row["tss"] = code
+            mismatched.append((line, f"patient_id '{patient}' and slide_id '{slide}' differ: {differ}"))
+        codes.append(code)
+        if not patient:
+            row["patient_id"] = of_slide or ""
+        row["tss"] = code
     if bad:
         raise _problems(
-            path, bad, "without a TCGA barcode", "--sites-from tcga needs ids like TCGA-CR-7395-01A."
+            path, bad, "without a TCGA barcode", f"--sites-from {source} needs ids like TCGA-CR-7395-01A."
         )
-    names = [table[c].site if c in table else f"TSS-{c}" for c in codes]
-    unknown = sorted({c for c in codes if c not in table})
+    if mismatched:
+        raise _problems(
+            path,
+            mismatched,
+            "whose patient id and slide id are barcodes of different patients",
+            "the site would depend on which id is read: correct the patient_id or the slide_id of these lines.",
+        )
+    return codes
+
+
+def _keep_large(
+    names: list[str],
+    codes: list[str],
+    rows: list[tuple[int, dict[str, str]]],
+    min_patients: int,
+    what: str,
+) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """Each row's site once sites of fewer than `min_patients` patients are merged into ``other``; the note
+    on that merge (`what`: "institution" or "region"); site → the TSS codes it holds."""
     patients_at: dict[str, set[str]] = defaultdict(set)
     for name, (_, row) in zip(names, rows, strict=True):
         patients_at[name].add(row.get("patient_id") or row["slide_id"])
@@ -171,17 +240,12 @@ def _tcga(
     for name, code in zip(names, codes, strict=True):
         members[kept[name]].add(code)
     merged = sorted(s for s, k in kept.items() if k == OTHER_SITE and s != OTHER_SITE)
-    notes = [
-        f"Sites from TCGA barcodes: tissue source site code → submitting institution (GDC table); "
-        f"{len(counts)} institutions ({len(set(codes))} TSS codes) found."
-    ]
-    if unknown:
-        notes.append(f"TSS codes not in the GDC table kept as their own sites: {', '.join(unknown)}.")
+    notes = []
     if merged:
-        other = sum(counts[s] for s in merged)
+        other = sum(n for s, n in counts.items() if kept[s] == OTHER_SITE)
         notes.append(
-            f"{len(merged)} institution(s) with fewer than {min_patients} patients merged into site "
-            f"'{OTHER_SITE}' ({other} patients): {', '.join(merged)}."
+            f"{len(merged)} {what}(s) with fewer than {min_patients} patients merged into site "
+            f"'{OTHER_SITE}' ({sum(counts[s] for s in merged)} patients): {', '.join(merged)}."
             + (
                 f" '{OTHER_SITE}' itself has fewer than {min_patients} patients."
                 if other < min_patients
@@ -189,6 +253,64 @@ def _tcga(
             )
         )
     return [kept[n] for n in names], notes, {s: sorted(c) for s, c in members.items()}
+
+
+def _tcga(
+    path: Path, rows: list[tuple[int, dict[str, str]]], min_patients: int
+) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    table, aliases = tss_table(), site_aliases()
+    codes = _tcga_codes(path, rows, "tcga")
+    names = [tcga_institution(c) for c in codes]
+    unknown = sorted({c for c in codes if c not in table})
+    spellings: dict[str, set[str]] = defaultdict(set)  # institution → its other GDC spellings in this cohort
+    for code in set(codes) - set(unknown):
+        if table[code].site in aliases:
+            spellings[aliases[table[code].site]].add(table[code].site)
+    sites, merge_notes, members = _keep_large(names, codes, rows, min_patients, "institution")
+    notes = [
+        f"Sites from TCGA barcodes: tissue source site code → submitting institution (GDC table); "
+        f"{len(set(names))} institutions ({len(set(codes))} TSS codes) found."
+    ]
+    if spellings:
+        notes.append(
+            f"{sum(map(len, spellings.values()))} other GDC spelling(s) of an institution merged into it "
+            f"(tcga_site_aliases.csv): "
+            + "; ".join(f"{inst} ← {', '.join(sorted(s))}" for inst, s in sorted(spellings.items()))
+            + "."
+        )
+    if unknown:
+        notes.append(f"TSS codes not in the GDC table kept as their own sites: {', '.join(unknown)}.")
+    return sites, notes + merge_notes, members
+
+
+def _tcga_region(
+    path: Path, rows: list[tuple[int, dict[str, str]]], min_patients: int
+) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    regions = tcga_regions()
+    codes = _tcga_codes(path, rows, "tcga-region")
+    names = [regions[c] if regions.get(c) in FLAMBY_REGIONS else OTHER_SITE for c in codes]
+    sites, merge_notes, members = _keep_large(names, codes, rows, min_patients, "region")
+    found = sorted({n for n in names if n != OTHER_SITE}, key=FLAMBY_REGIONS.index)
+    notes = [
+        f"Sites from TCGA barcodes: tissue source site code → region, as FLamby's Fed-TCGA-BRCA defines its "
+        f"six centres (FLamby's centers.csv); {len(found)} regions ({', '.join(found) or 'none'}) found."
+    ]
+    left_out: dict[str, set[str]] = defaultdict(set)  # TSS code → its patients, for codes FLamby leaves out
+    for code, name, (_, row) in zip(codes, names, rows, strict=True):
+        if name == OTHER_SITE:
+            left_out[code].add(row["patient_id"])
+    if left_out:
+        kinds = {
+            "region 'Other' in FLamby's table": sorted(c for c in left_out if c in regions),
+            "not in FLamby's table": sorted(c for c in left_out if c not in regions),
+        }
+        notes.append(
+            f"{len(set().union(*left_out.values()))} patient(s) at TSS codes that FLamby's six centres leave out "
+            f"are at site '{OTHER_SITE}': "
+            + "; ".join(f"{kind}: {', '.join(cs)}" for kind, cs in kinds.items() if cs)
+            + "."
+        )
+    return sites, notes + merge_notes, members
 
 
 def _camelyon16(
@@ -204,6 +326,8 @@ def _camelyon16(
             sites.append(table[key])
             if not row.get("patient_id"):
                 row["patient_id"] = row["slide_id"]  # CAMELYON16 has one slide per patient
+            if not row.get("split"):  # the official split (a manifest's own split column is kept)
+                row["split"] = camelyon16_split(key)
     if bad:
         raise _problems(
             path,
@@ -213,7 +337,8 @@ def _camelyon16(
         )
     notes = [
         "Sites from the CAMELYON16 slide table: RUMC (Radboud) or UMCU (Utrecht), as FLamby's Fed-Camelyon16 "
-        "defines its centres."
+        "defines its centres; the official split (test_NNN slides: test) in the 'split' column, which "
+        "`--protocol official` tests on."
     ]
     return sites, notes, {s: [s] for s in dict.fromkeys(sites)}
 
@@ -235,10 +360,13 @@ def derive_cohort(
         sites = [row.get("site", "") for _, row in rows]
     elif source == "tcga":
         sites, notes, members = _tcga(src, rows, min_patients)
+    elif source == "tcga-region":
+        sites, notes, members = _tcga_region(src, rows, min_patients)
     else:
         sites, notes, members = _camelyon16(src, rows)
     base = src.resolve().parent
-    columns = list(dict.fromkeys([*header, "site", "patient_id", *(["tss"] if source == "tcga" else [])]))
+    # the header's columns, then what the derivation added (site, patient_id; tss; split)
+    columns = list(dict.fromkeys([*header, "site", "patient_id", *(k for _, row in rows for k in row)]))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
@@ -250,18 +378,26 @@ def derive_cohort(
             if row.get(col) and not Path(row[col]).expanduser().is_absolute():
                 row[col] = str((base / row[col]).resolve())
         writer.writerow([row.get(c, "") for c in columns])
-    write_text_atomic(out, buf.getvalue())
-    try:
-        loaded = load_manifest(out)
-    except ManifestError as err:
-        raise CohortError(f"the manifest derived from {src} ({source} sites) is not valid:\n{err}") from err
+    # checked before anything is written to `out`; problems are told at the user's file and line
+    with tempfile.TemporaryDirectory(prefix="fedpath-cohort-") as tmp:
+        checked = Path(tmp) / out.name
+        checked.write_text(buf.getvalue(), encoding="utf-8")
+        try:
+            loaded = load_manifest(checked)
+        except ManifestError as err:
+            source_line = {i + 2: line for i, (line, _) in enumerate(rows)}
+            problems = [replace(p, line=source_line.get(p.line or 0, p.line)) for p in err.problems]
+            raise CohortError(
+                f"{src} with {source} sites is not a valid cohort:\n{ManifestError(src, problems)}"
+            ) from None
     patients = Counter(s.site for s in {s.patient_id: s for s in loaded.slides}.values())
     counts = {s: patients[s] for s in loaded.sites}
     if len(counts) < 2:
         raise CohortError(
             f"{src}: {source} sites give only {len(counts)} site ({', '.join(counts)}); a federation needs "
-            "at least 2" + (" (lower --min-site-patients)" if source == "tcga" else "")
+            "at least 2" + (" (lower --min-site-patients)" if source in TCGA_SOURCES else "")
         )
+    write_text_atomic(out, buf.getvalue())
     return Cohort(out, source, counts, tuple(notes), members)
 
 
@@ -537,7 +673,16 @@ def site_table(
     manifest = load_manifest(manifest_path)
     labels = manifest.patient_labels()
     splits = split_patients(manifest, val=val_fraction, test=test_fraction, seed=split_seed)
-    rows = [["site", "patients", *(f"label {c}" for c in manifest.classes), "training"]]
+    official = manifest.official_test() if manifest.has_official_split else None
+    rows = [
+        [
+            "site",
+            "patients",
+            *(f"label {c}" for c in manifest.classes),
+            *(["official train / test"] if official is not None else []),
+            "training",
+        ]
+    ]
     if local:
         rows[0][-1] = "training (LOSO)"
         rows[0].append("its local model")
@@ -552,6 +697,11 @@ def site_table(
             site,
             str(len(patients)),
             *(str(counts.get(k, 0)) for k in range(len(manifest.classes))),
+            *(
+                [f"{len(set(patients) - official)} / {len(official & set(patients))}"]
+                if official is not None
+                else []
+            ),
             str(len(train)),
         ]
         if local:

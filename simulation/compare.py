@@ -105,7 +105,7 @@ from fedpath.simulation.report import (
     write_training,
 )
 
-PROTOCOLS = ("loso", "internal", "cv")
+PROTOCOLS = ("loso", "internal", "official", "cv")
 METHODS = ("local", "pooled", "fedavg", "fedprox", "fedprox-dp")
 FEDERATED = ("fedavg", "fedprox", "fedprox-dp")
 # How pooled training forms its batches. Under LOSO the test is a site nobody trained on, and the reference takes
@@ -120,6 +120,8 @@ STATE = "comparison.json"
 TEST_PATIENTS = {
     "loso": "all patients of the held-out site",
     "internal": "the test split of each site (test_fraction of its patients, stratified by label)",
+    "official": "the cohort's own test patients at each site (manifest column 'split'; CAMELYON16: the official "
+    "test slides, FLamby's Fed-Camelyon16 protocol), every model tested at every site and on all of them pooled",
     "cv": "the fold's patients at every site (folds of the cohort's patients, stratified by label)",
 }
 # Settings that change what a cell computes: a run folder's cells must all share them.
@@ -136,7 +138,7 @@ class CompareConfig(TrainingSettings):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    protocols: tuple[str, ...] = Field(("loso",), description="loso, internal and/or cv")
+    protocols: tuple[str, ...] = Field(("loso",), description="loso, internal, official and/or cv")
     methods: tuple[str, ...] = Field(("local", "pooled", "fedavg", "fedprox"), description="methods to run")
     seeds: int = Field(3, ge=1, description="training seeds per cell")
     folds: int = Field(10, ge=2, description="cv: patient folds, stratified by label")
@@ -234,6 +236,9 @@ class Job:
     train_patients: frozenset[str]
     cells: tuple[Cell, ...]
     val_patients: frozenset[str] = frozenset()  # the training sites' validation patients (round selection)
+    # why a pooled or federated job is not trained: a class of the cohort at none of its training patients
+    # (one rule for both: a model that never saw a class is compared with nothing); '' when it is trained
+    not_trained: str = ""
 
     @property
     def federated(self) -> bool:
@@ -277,6 +282,10 @@ def plan(manifest: Manifest, config: CompareConfig) -> list[Job]:
         for i in range(config.seeds):
             split_seed = config.split_seed + (0 if protocol == "loso" else i)
             jobs += _seed_jobs(manifest, config, protocol, config.train_seed + i, split_seed)
+    labels = manifest.patient_labels()
+    jobs = [
+        j if j.family == "local" else replace(j, not_trained=not_trained(manifest, j, labels)) for j in jobs
+    ]
     return sorted(jobs, key=lambda j: (j.federated, j.seed if j.federated else 0))
 
 
@@ -290,12 +299,17 @@ def describe_plan(manifest: Manifest, config: CompareConfig) -> list[str]:
         lines.append(
             f"{job.protocol:<8} seed {job.seed}  {job.method:<24} train {len(job.train_patients):>4} / "
             f"val {len(job.val_patients):>3} patients at {', '.join(job.train_sites)}; test at {tests}"
+            + (f"; {job.not_trained}" if job.not_trained else "")
         )
+    skipped = sum(1 for j in jobs if j.not_trained)
+    jobs = [j for j in jobs if not j.not_trained]
     federations = sum(1 for j in jobs if j.federated)
     cells = sum(len(j.cells) for j in jobs)
     lines.append(
         f"{len(jobs)} jobs ({federations} federations on Flower's simulation engine, {len(jobs) - federations} "
-        f"baselines), {cells} cells; nothing was trained or written"
+        f"baselines), {cells} cells"
+        + (f"; {skipped} job(s) not trained (above)" if skipped else "")
+        + "; nothing was trained or written"
     )
     return lines
 
@@ -319,10 +333,33 @@ def check_folds(manifest: Manifest, folds: int) -> None:
         )
 
 
+def check_official(manifest: Manifest) -> None:
+    """The official protocol needs the cohort's own split: a ``split`` column with test and training
+    patients."""
+    test = manifest.official_test()
+    if not manifest.has_official_split:
+        raise CompareError(
+            f"{manifest.path}: the official protocol tests on the cohort's own test patients, but the manifest "
+            "has no 'split' column (train/test per slide); --cohort camelyon16 fills it from the slide ids"
+        )
+    if not test or len(test) == len(manifest.patients()):
+        raise CompareError(
+            f"{manifest.path}: the 'split' column marks {len(test)} of {len(manifest.patients())} patients "
+            "'test'; the official protocol needs both training and test patients"
+        )
+
+
 def _seed_jobs(
     manifest: Manifest, config: CompareConfig, protocol: str, seed: int, split_seed: int
 ) -> list[Job]:
     """The jobs of one protocol and seed."""
+    if protocol == "official":
+        check_official(manifest)
+        splits = split_patients(manifest, val=config.val_fraction, test=0.0, seed=split_seed, official=True)
+        tests = {s: split.test for s, split in splits.items() if split.test}  # a site without any: no cell
+        # the official test patients are in no training: a site holding only those sits training out
+        splits = {s: split for s, split in splits.items() if split.train}
+        return _split_jobs(config, protocol, seed, split_seed, splits, tests, manifest.patient_labels())
     if protocol != "cv":
         splits = split_patients(
             manifest, val=config.val_fraction, test=config.test_fraction_of(protocol), seed=split_seed
@@ -407,7 +444,9 @@ def _split_jobs(
         for s in sites:
             if too_small_alone(splits[s].train, labels):
                 continue  # still in every federation; the cohort table says why it has no local model
-            tested = {"loso": [t for t in sites if t != s], "internal": [s]}.get(protocol, [fold])
+            tested = {"loso": [t for t in sites if t != s], "internal": [s], "official": list(tests)}.get(
+                protocol, [fold]
+            )
             jobs.append(job("local", f"local:{s}", [s], fold or s, tested))
     for family, method, mu, eps in method_names(config):
         if protocol == "loso":
@@ -418,6 +457,24 @@ def _split_jobs(
         else:
             jobs.append(job(family, method, sites, fold or "all-sites", list(tests), mu, eps))
     return jobs
+
+
+def not_trained(manifest: Manifest, job: Job, labels: Mapping[str, int]) -> str:
+    """Why a pooled or federated job is not run ('' when it is), one rule for both: it has one training site
+    (LOSO over two sites: it would be that hospital's local model again), or labels of the cohort's patients
+    that none of its training patients hold (a model that never saw a class is not compared)."""
+    if len(job.train_sites) < 2:
+        return (
+            f"not trained: one training site ({job.train_sites[0]}), so pooled and federated would be its local "
+            "model again"
+        )
+    absent = sorted(set(labels.values()) - {labels[p] for p in job.train_patients if p in labels})
+    if not absent:
+        return ""
+    names = ", ".join(f"'{manifest.classes[k]}'" for k in absent)
+    return (
+        f"not trained: label {names} at none of its training patients (pooled and federated need every class)"
+    )
 
 
 # --- folders ------------------------------------------------------------------------------------------------
@@ -554,7 +611,8 @@ def train_baseline(manifest: Manifest, job: Job, config: CompareConfig) -> Train
 def federation_manifest(manifest: Manifest, job: Job, folder: Path) -> Path:
     """The manifest the federation's sites read: the cohort's (internal: the ClientApp holds back each site's
     test patients itself), or (LOSO, cv) the rows of the job's training and validation patients only, written
-    into the job folder, so the held-out site's or fold's files are not even named to the federation."""
+    into the job folder, so the held-out site's or fold's (official: the test patients') files are not even
+    named to the federation."""
     if job.protocol == "internal":
         return manifest.path
     path = folder / "manifest.csv"
@@ -683,7 +741,8 @@ def score(manifest: Manifest, model: Any, cell: Cell) -> list[PredictionRow]:
 
 def round_rows(cell: Cell, lines: Sequence[dict[str, Any]]) -> list[RoundRow]:
     """The round log of a federation as rounds.csv rows: mean training loss and validation AUROC per round."""
-    site = ALL_SITES if cell.protocol == "internal" else cell.test_site  # loso: held-out site; cv: fold
+    # loso: the held-out site; cv: the fold; internal and official: one federation for every test site
+    site = ALL_SITES if cell.protocol in ("internal", "official") else cell.test_site
     out = []
     for line in lines:
         aggregate = line.get("aggregate", {})
@@ -788,6 +847,7 @@ class Outcome:
     analysis: Analysis | None = (
         None  # what the report shows; `headline(outcome.analysis, protocol)` prints it
     )
+    not_trained: list[str] = field(default_factory=list)  # jobs of the grid left out by rule, one line each
 
 
 def _eta(remaining: Sequence[Job], durations: Mapping[str, Sequence[float]]) -> str:
@@ -830,6 +890,10 @@ def run_comparison(
         raise CompareError(problems)
     jobs = plan(manifest, config)
     check_names(jobs)
+    not_trained = [f"{j.describe()}: {j.not_trained}" for j in jobs if j.not_trained]
+    jobs = [j for j in jobs if not j.not_trained]
+    for line in not_trained:
+        say(line)
     state = {"cohort": cohort_fingerprint(manifest), **config.training()}
     check_state(out, state, replace_other=replace_other)
     write_text_atomic(out / STATE, json.dumps(state, indent=1) + "\n")
@@ -868,7 +932,7 @@ def run_comparison(
     sweep = finished_job_seconds(out)
     return Outcome(
         paths.html, paths.results, ran, skipped, failed, time.perf_counter() - started, sweep, overheads,
-        paths.analysis,
+        paths.analysis, not_trained,
     )  # fmt: skip
 
 
@@ -1103,7 +1167,12 @@ def format_headline(table: Comparison, protocol: str | None = None) -> str:
     protocol = protocol or table.protocol
     sites = list(table.tested_sites)
     width = max([len(r.label) + 2 for r in table] + [6])
-    where = {"loso": "held-out site", "internal": "site's test patients", "cv": "fold's test patients"}
+    where = {
+        "loso": "held-out site",
+        "internal": "site's test patients",
+        "official": "site's official test patients",
+        "cv": "fold's test patients",
+    }
     operating = [k for k in ("sensitivity", "specificity", "accuracy") if k in table.metrics]
     short = {"balanced_accuracy": "bal.acc", "sensitivity": "sens", "specificity": "spec", "accuracy": "acc"}
     extra = ["balanced_accuracy", *operating, "ece"]
@@ -1135,6 +1204,13 @@ def format_headline(table: Comparison, protocol: str | None = None) -> str:
         for r in table
         if r.sites != table.sites
     ]
+    if table.pooled_test:
+        lines.append("  AUROC on the pooled test set (every site's test patients together; FLamby's figure):")
+        lines += [
+            f"    {r.label:<{width}}  {_cell(table.pooled_test[r.method][0], 5)}  ± {_cell(table.pooled_test[r.method][1], 5)}"
+            for r in table
+            if r.method in table.pooled_test
+        ]
     lines += [f"  {note}" for note in table.notes]
     return "\n".join(lines)
 
@@ -1151,9 +1227,11 @@ def comparison_lines(table: Comparison) -> list[str]:
     fed = table.best([r.method for r in table if r.method.startswith(("fedprox(", "fedavg"))])
     if fed is None:
         return []
-    own = {"loso": "at the sites it did not train on", "internal": "at its own site's test patients"}.get(
-        table.protocol, "on the same folds (patients of every site)"
-    )
+    own = {
+        "loso": "at the sites it did not train on",
+        "internal": "at its own site's test patients",
+        "official": "at every site's official test patients",
+    }.get(table.protocol, "on the same folds (patients of every site)")
     out = []
     for role, text in (
         (METHOD, "pooled"),

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from fedpath.simulation.cohorts import Cohort
     from fedpath.simulation.compare import CompareConfig, Outcome
 
-COHORTS = ("manifest", "tcga", "camelyon16", "synthetic", "musk1", "musk2")
+COHORTS = ("manifest", "tcga", "tcga-region", "camelyon16", "synthetic", "musk1", "musk2")
 MIL_COHORTS = ("musk1", "musk2")
 
 
@@ -146,9 +146,11 @@ def run_and_report(
     for protocol in config.protocols:
         rows = headline(outcome.analysis or outcome.results, protocol)  # the report's own analysis
         if rows:
-            label = {"loso": "LEAVE-ONE-SITE-OUT", "internal": "INTERNAL VALIDATION"}.get(
-                protocol, f"CROSS-VALIDATION ({config.folds} folds of patients)"
-            )
+            label = {
+                "loso": "LEAVE-ONE-SITE-OUT",
+                "internal": "INTERNAL VALIDATION",
+                "official": "THE COHORT'S OFFICIAL TEST SPLIT",
+            }.get(protocol, f"CROSS-VALIDATION ({config.folds} folds of patients)")
             print(f"\n{label}\n{format_headline(rows, protocol)}")
             for line in comparison_lines(rows):
                 print(line)
@@ -158,6 +160,10 @@ def run_and_report(
     )
     if outcome.overheads:
         print(overhead_line(outcome.overheads))
+    if outcome.not_trained:
+        print(f"{len(outcome.not_trained)} job(s) not trained, by rule (no cells in the report):")
+        for line in outcome.not_trained:
+            print(f"  {line}")
     if outcome.failed:
         print(
             f"{len(outcome.failed)} job(s) failed (their cells are missing from the report):", file=sys.stderr
@@ -184,10 +190,18 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     c = p.add_argument_group("cohort (synthetic: `fedpath synth --help` for the model)")
     c.add_argument("--cohort", choices=COHORTS, metavar="C", default="manifest", help="|".join(COHORTS))
-    c.add_argument("--sites-from", dest="cohort", choices=COHORTS, help=argparse.SUPPRESS)  # its old name
-    c.add_argument("--manifest", type=Path, metavar="M", help="cohort manifest (manifest, tcga, camelyon16)")
+    c.add_argument(  # its old name
+        "--sites-from", dest="cohort", choices=COHORTS, help=argparse.SUPPRESS
+    )
     c.add_argument(
-        "--min-site-patients", metavar="N", type=int, default=20, help="tcga: smaller sites → 'other'"
+        "--manifest", type=Path, metavar="M", help="cohort manifest (manifest, tcga, tcga-region, camelyon16)"
+    )
+    c.add_argument(
+        "--min-site-patients",
+        metavar="N",
+        type=int,
+        default=20,
+        help="tcga, tcga-region: smaller sites → 'other'",
     )
     add_synthetic_options(p, sites=4, slides=160, dim=32, group=c)
     add_mil_options(c)
@@ -212,6 +226,11 @@ def dry_run(args: argparse.Namespace, config: CompareConfig) -> int:
             elif args.cohort in MIL_COHORTS:
                 cohort = musk(args, Path(tmp) / "cohort")
             else:
+                if args.manifest is None:  # --cohort camelyon16: plan FLamby's split from the shipped table
+                    args.manifest = camelyon16_plan_manifest(Path(tmp) / "camelyon16.csv")
+                    print(
+                        "no --manifest: the shipped CAMELYON16 table (399 slides, no features: a plan only)"
+                    )
                 cohort = derive_cohort(
                     args.manifest,
                     Path(tmp) / "cohort.csv",
@@ -229,6 +248,23 @@ def dry_run(args: argparse.Namespace, config: CompareConfig) -> int:
         print(f"  {line}")
     print("\n".join(grid))
     return 0
+
+
+def camelyon16_plan_manifest(path: Path) -> Path:
+    """A manifest of every CAMELYON16 slide in fedpath's shipped table (slide id, label, a slide path that need
+    not exist), for a dry run: the plan needs the slides, their hospitals and labels, not their files."""
+    import csv
+    import io
+
+    from fedpath.simulation.cohorts import camelyon16_labels
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["slide_id", "label", "slide"])
+    for slide_id, label in camelyon16_labels().items():
+        writer.writerow([slide_id, label, f"{slide_id}.tif"])
+    path.write_text(buf.getvalue(), encoding="utf-8")
+    return path
 
 
 def add_mil_options(g: argparse._ArgumentGroup) -> None:
@@ -276,9 +312,10 @@ def _run(args: argparse.Namespace) -> int:
     if made and args.manifest is not None:
         raise UserError(f"--manifest and --cohort {args.cohort} exclude each other: pick one cohort")
     if args.dry_run:
-        if not made and args.manifest is None:
+        if not made and args.manifest is None and args.cohort != "camelyon16":
             raise UserError(
-                "give the cohort to plan: --manifest M, --cohort synthetic or --cohort musk1|musk2"
+                "give the cohort to plan: --manifest M, --cohort synthetic, --cohort camelyon16 (its shipped "
+                "table) or --cohort musk1|musk2"
             )
         return dry_run(args, config)
     if args.cohort == "synthetic":
@@ -289,7 +326,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.manifest is None:
             raise UserError(
                 "give the cohort: --manifest M (sites from its site column, or with --cohort "
-                "tcga|camelyon16), --cohort synthetic, or --cohort musk1|musk2 --mil-file F"
+                "tcga|tcga-region|camelyon16), --cohort synthetic, or --cohort musk1|musk2 --mil-file F"
             )
         try:
             cohort = derive_cohort(

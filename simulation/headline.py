@@ -273,6 +273,9 @@ class Comparison:
     best_hospital: str | None  # the chosen local model
     best_hospital_why: str  # how it was chosen, or why none was
     notes: tuple[str, ...]  # what the table's reader must know: sites, choices, exclusions
+    # official protocol: method → (mean over seeds, SD) of the AUROC over every site's test patients together,
+    # FLamby's headline definition (`pooled_test_auroc`); empty for the other protocols
+    pooled_test: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[ComparisonRow]:
         return iter(self.rows)
@@ -417,6 +420,9 @@ def comparison(results: Sequence[RunResult], protocol: str) -> Comparison:
                 "sites.",
                 "internal": "A hospital's own model is tested on its own site's test patients only: its means "
                 "are over that site, and it is compared with other rows paired on it.",
+                "official": "Every model, a hospital's own included, is tested on every hospital's official test "
+                "patients, as FLamby does; 'pooled test set' is the AUROC over all of them together, FLamby's "
+                "headline figure.",
             }.get(
                 protocol,
                 "A hospital's own model is tested on every fold's patients, of every site (most of them from "

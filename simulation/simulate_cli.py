@@ -17,12 +17,17 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--cohort",
         dest="sites_from",
         metavar="S",
-        choices=("manifest", "tcga", "camelyon16"),
+        choices=("manifest", "tcga", "tcga-region", "camelyon16"),
         default="manifest",
-        help="sites from: manifest (its site column), tcga (barcodes), camelyon16 (hospital table)",
+        help="sites from: manifest (its site column), tcga (barcodes → institution), tcga-region (FLamby's "
+        "TCGA-BRCA regions), camelyon16 (hospital table)",
     )
     p.add_argument(
-        "--min-site-patients", metavar="N", type=int, default=20, help="tcga: smaller sites → 'other'"
+        "--min-site-patients",
+        metavar="N",
+        type=int,
+        default=20,
+        help="tcga, tcga-region: smaller sites → 'other'",
     )
     p.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, round log, model, card)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -289,8 +289,8 @@ class Analysis:
 
     @property
     def internal_protocol(self) -> str | None:
-        """The protocol that tests on patients of the training hospitals (internal, else cv), if any."""
-        return next((p for p in ("internal", "cv") if p in self.protocols), None)
+        """The protocol that tests on patients of the training hospitals (internal, official, else cv), if any."""
+        return next((p for p in ("internal", "official", "cv") if p in self.protocols), None)
 
     @property
     def protocols(self) -> list[str]:
@@ -432,6 +432,11 @@ def analyse(
         _run_result(e, per_run[_key(e)], facts.get(_key(e)), verdicts[(e.protocol, e.method)]) for e in evals
     ]
     comparisons = {p: comparison(results, p) for p in common}
+    if "official" in comparisons:
+        comparisons["official"] = replace(
+            comparisons["official"],
+            pooled_test=pooled_test_auroc([e for e in evals if e.protocol == "official"]),
+        )
     return Analysis(
         evals,
         per_run,
@@ -447,6 +452,23 @@ def analyse(
         has_training=bool(training),
         calibration=calibration_at_sites(evals, calibration),
     )
+
+
+def pooled_test_auroc(evals: Sequence[Evaluation]) -> dict[str, tuple[float, float]]:
+    """Per method: the AUROC over all its test sets' patients together (one model per seed, tested at every
+    site: FLamby's "pooled test set"), as (mean over seeds, SD over seeds; NaN with one seed)."""
+    by_run: dict[tuple[str, int], list[Evaluation]] = defaultdict(list)
+    for e in evals:
+        by_run[(e.method, e.seed)].append(e)
+    per_method: dict[str, list[float]] = defaultdict(list)
+    for (method, _), found in by_run.items():
+        labels = np.concatenate([e.labels for e in found])
+        probs = np.concatenate([e.probs for e in found])
+        per_method[method].append(auroc(labels, probs))
+    return {
+        m: (nanmean(v), float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"))
+        for m, v in per_method.items()
+    }
 
 
 def _key(e: Evaluation) -> tuple[str, str, str, int]:

@@ -17,15 +17,17 @@ if TYPE_CHECKING:
     pass
 
 
-PROTOCOLS = ("loso", "internal", "cv")
+PROTOCOLS = ("loso", "internal", "official", "cv")
 PROTOCOL_LABELS = {
     "loso": "unseen hospitals (leave-one-site-out)",
     "internal": "internal validation (held-out patients of the training hospitals)",
+    "official": "the cohort's official test split (FLamby's protocol: every model at every hospital's test set)",
     "cv": "cross-validation (patient-level k-fold over the whole cohort)",
 }
 SHORT_LABELS = {
     "loso": "unseen hospitals (LOSO)",
     "internal": "internal validation",
+    "official": "official test split",
     "cv": "cross-validation",
 }
 MIN_PATIENTS = 20  # estimates on fewer patients are flagged as unreliable

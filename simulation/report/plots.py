@@ -181,7 +181,7 @@ def plot_privacy_utility(analysis: Analysis, colours: Mapping[str, Any]) -> byte
     fig, (ax,) = _new_figure(1, size=(7.0, 4.4))
     all_eps = [s.epsilon for s in analysis.overall.values() if s.epsilon is not None]
     x_inf = max(all_eps) * 4
-    styles = {"loso": "-", "internal": "--", "cv": ":"}
+    styles = {"loso": "-", "internal": "--", "official": "-.", "cv": ":"}
     for protocol in analysis.protocols:
         for _, points, reference in analysis.dp_curves(protocol):
             shown = [*points, *([reference] if reference else [])]

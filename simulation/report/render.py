@@ -86,7 +86,12 @@ class ReportPaths:
 
 
 def _short(protocol: str) -> str:
-    return {"loso": "unseen hospitals", "internal": "internal", "cv": "cross-validation"}[protocol]
+    return {
+        "loso": "unseen hospitals",
+        "internal": "internal",
+        "official": "official split",
+        "cv": "cross-validation",
+    }[protocol]
 
 
 def _flag(s: Summary) -> str:
@@ -116,6 +121,8 @@ def _comparison_table(analysis: Analysis, table: Comparison) -> list[Block]:
     header = ["Method", "Type", "Learned?", "AUROC [95% CI]", "± across seeds (SD)", "Balanced accuracy"]
     header += [f"{METRIC_NAMES[k].capitalize()} at threshold" for k in operating]
     header += ["ECE", f"Patients ({analysis.positive})" if analysis.positive else "Patients", "Sites × seeds"]
+    if table.pooled_test:
+        header.insert(4, "AUROC, pooled test set (± seeds)")
     rows = []
     for row in table:
         s = analysis.overall.get((protocol, row.method)) if row.method else None
@@ -132,6 +139,9 @@ def _comparison_table(analysis: Analysis, table: Comparison) -> list[Block]:
             (f"{s.patients} ({s.positives})" if analysis.positive else f"{s.patients}") if s else "—",
             f"{sites} × {row.seeds}" + (f" ({row.note})" if row.note else ""),
         ]
+        if table.pooled_test:
+            mean, sd = table.pooled_test.get(row.method, (math.nan, math.nan))
+            cells.insert(4, _number(mean) + (f" ± {sd:.2f}" if math.isfinite(sd) else ""))
         rows.append(tuple(cells))
     where = "held-out sites" if protocol == "loso" else "folds" if protocol == "cv" else "sites"
     blocks: list[Block] = [
@@ -245,6 +255,7 @@ def _per_site(analysis: Analysis, protocol: str, colours: Mapping[str, Any]) -> 
     where = {
         "loso": "held-out site (one column per site left out of training)",
         "internal": "test site",
+        "official": "hospital's official test set",
         "cv": "fold",
     }[protocol]
     blocks: list[Block] = [
