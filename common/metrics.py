@@ -6,6 +6,7 @@ Scores are class probabilities: (N,) for the positive class or (N, C). Labels ar
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -40,6 +41,9 @@ def _binary_auroc(y: np.ndarray, s: np.ndarray) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+# Ours, not sklearn's roc_auc_score: the report's patient bootstrap calls this 10^4–10^5 times, and on 100
+# patients roc_auc_score takes ~50× as long binary and ~30× with 3 classes (benchmarks/bench_metrics.py); it
+# also raises where a resample lacks a class, where this averages over the classes present. Same numbers (tests).
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     """AUROC: binary, or macro one-vs-rest over the classes present (NaN if fewer than two are present)."""
     y = np.asarray(labels)
@@ -50,8 +54,11 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(np.mean(per_class)) if per_class else float("nan")
 
 
+# Ours, not sklearn's balanced_accuracy_score (same numbers, tested): every site calls this when it evaluates,
+# and the library would add the ~1 s import of sklearn.metrics to every site process for these three lines.
 def balanced_accuracy(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Mean per-class recall of the arg-max prediction, over the classes present."""
+    """Mean per-class recall of the arg-max prediction (binary: score > 0.5), over the classes present in
+    `labels`; NaN when there are no labels."""
     y = np.asarray(labels)
     pred = _as_matrix(scores).argmax(axis=1)
     recalls = [float((pred[y == k] == k).mean()) for k in np.unique(y)]
@@ -60,48 +67,46 @@ def balanced_accuracy(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def expected_calibration_error(labels: np.ndarray, scores: np.ndarray, n_bins: int = 10) -> float:
     """Top-label ECE: Σ_bins (n_bin/N)·|accuracy − confidence| over equal-width confidence bins."""
-    y = np.asarray(labels)
-    p = _as_matrix(scores)
-    conf = p.max(axis=1)
-    correct = (p.argmax(axis=1) == y).astype(np.float64)
-    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        sel = bins == b
-        if sel.any():
-            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
-    return float(ece)
+    confidence, accuracy, counts = reliability_curve(labels, scores, n_bins)
+    return float(np.sum(counts * np.abs(accuracy - confidence)) / max(len(labels), 1))
 
 
+# Ours, not sklearn's calibration_curve: that one returns no counts (ECE weighs bins by them, and every site
+# computes ECE without importing sklearn) and takes its edges from np.linspace, so a confidence within an ulp
+# of an edge (e.g. 0.3 + 1 ulp) can land in the neighbouring bin; otherwise the same right-closed bins, empty
+# bins dropped, and the same numbers (tests).
 def reliability_curve(
     labels: np.ndarray, scores: np.ndarray, n_bins: int = 10
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per confidence bin: mean confidence, accuracy and count (bins with no sample are dropped)."""
-    y = np.asarray(labels)
+    """Per confidence bin ((0, 1/n_bins], …, ((n_bins-1)/n_bins, 1]): mean confidence, accuracy (fractions
+    0–1) and count of the top-label predictions; bins with no sample are dropped."""
     p = _as_matrix(scores)
-    conf = p.max(axis=1)
-    correct = (p.argmax(axis=1) == y).astype(np.float64)
-    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
-    kept = [b for b in range(n_bins) if (bins == b).any()]
+    confidence = p.max(axis=1)
+    correct = (p.argmax(axis=1) == np.asarray(labels)).astype(np.float64)
+    bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    counts = np.bincount(bins, minlength=n_bins)
+    kept = counts > 0
     return (
-        np.array([conf[bins == b].mean() for b in kept]),
-        np.array([correct[bins == b].mean() for b in kept]),
-        np.array([(bins == b).sum() for b in kept]),
+        np.bincount(bins, confidence, n_bins)[kept] / counts[kept],
+        np.bincount(bins, correct, n_bins)[kept] / counts[kept],
+        counts[kept],
     )
 
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Binary ROC: false- and true-positive rates at every distinct threshold, from (0, 0) to (1, 1)."""
-    y = np.asarray(labels) == 1
-    s = _as_matrix(scores)[:, 1]
-    order = np.argsort(-s, kind="stable")
-    s, y = s[order], y[order]
-    last_of_tie = np.r_[np.diff(s) != 0, True]
-    tps = np.cumsum(y)[last_of_tie]
-    fps = np.cumsum(~y)[last_of_tie]
-    tpr = np.r_[0, tps] / max(int(y.sum()), 1)
-    fpr = np.r_[0, fps] / max(int((~y).sum()), 1)
-    return fpr, tpr
+    """Binary ROC (class 1 against the rest): false- and true-positive rates at every distinct threshold, from
+    (0, 0) to (1, 1) when both classes are present; a rate whose class is absent from `labels` is 0 throughout."""
+    # imported here: sklearn.metrics adds ~1 s to importing fedpath.client.training (benchmarks/bench_metrics.py),
+    # which every site does, and only the report draws ROC curves
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.metrics import roc_curve as sklearn_roc_curve
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)  # one class only: NaN rates, made 0 below
+        fpr, tpr, _ = sklearn_roc_curve(
+            np.asarray(labels) == 1, _as_matrix(scores)[:, 1], drop_intermediate=False
+        )
+    return np.nan_to_num(fpr, nan=0.0), np.nan_to_num(tpr, nan=0.0)
 
 
 def aggregate_by_patient(
@@ -151,6 +156,9 @@ def bootstrap_ci(
 
     Resamples where the metric is undefined (e.g. one class only for AUROC) are skipped.
     """
+    # Ours, not scipy.stats.bootstrap(paired=True, method="percentile"): that one draws the same resamples from
+    # the same seed and gives the same interval (to rounding) when every resample is defined, about as fast,
+    # but one undefined resample (a small site's draw with one class) makes its whole interval NaN (tests).
     y = np.asarray(labels)
     s = np.asarray(scores)
     value = metric(y, s)
