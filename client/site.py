@@ -103,13 +103,26 @@ def load_site(ref: SiteRef, run: RunConfig) -> SiteData:
     The split is `split_patients` over the whole manifest, so a simulated site and the baselines built
     from the same manifest see identical training, validation and test patients.
     """
-    return _load_site(ref.manifest.resolve(), ref.site, run.val_fraction, run.test_fraction, run.split_seed)
+    classes = tuple(run.class_labels) if run.classes else ()
+    return _load_site(
+        ref.manifest.resolve(), ref.site, run.val_fraction, run.test_fraction, run.split_seed, classes
+    )
 
 
 @functools.lru_cache(maxsize=8)
-def _load_site(manifest_path: Path, site: str, val: float, test: float, seed: int) -> SiteData:
+def _load_site(
+    manifest_path: Path, site: str, val: float, test: float, seed: int, classes: tuple[str, ...] = ()
+) -> SiteData:
     # Cached: a simulation actor plays the same site in every round; the bags hold paths, not features.
     manifest = load_manifest(manifest_path)
+    if classes:  # the run states its classes: index them in its order (a site may hold only some of them)
+        outside = [c for c in manifest.classes if c not in classes]
+        if outside:
+            raise IncompatibleSite(
+                f"site '{site}' has the labels {outside}, which are not among the run's classes {list(classes)}: "
+                "the same class must have the same label at every site"
+            )
+        manifest = load_manifest(manifest_path, classes=classes)
     if site not in manifest.sites:
         raise SiteConfigError(f"{manifest_path}: no site '{site}'; its sites are {', '.join(manifest.sites)}")
     split = split_patients(manifest, val=val, test=test, seed=seed)[site]

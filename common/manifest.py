@@ -161,6 +161,33 @@ def canonical_label(text: str) -> str:
     return str(int(value)) if value.is_integer() else format(value, "g")
 
 
+def class_order(
+    found: Iterable[str], *, classes: Sequence[str] | None = None, positive: str | None = None
+) -> tuple[str, ...] | None:
+    """The classes in index order that a command declares: `classes` as given, else the labels `found`
+    (sorted); with `positive` (two classes only) moved to index 1, the class a binary task's AUROC,
+    sensitivity and report call positive. None when neither is given: `load_manifest` sorts what it finds.
+    A ValueError says what is wrong in the user's terms."""
+    if classes is None and positive is None:
+        return None
+    order = (
+        tuple(dict.fromkeys(canonical_label(str(c)) for c in classes if str(c).strip()))
+        if classes is not None
+        else _sort_labels(canonical_label(x) for x in found if x.strip())
+    )
+    if positive is None:
+        return order
+    chosen = canonical_label(positive)
+    if len(order) != 2:
+        raise ValueError(
+            f"--positive {positive}: a positive class needs a two-class task, but the classes are {list(order)}; "
+            "with more classes each one is reported against the rest"
+        )
+    if chosen not in order:
+        raise ValueError(f"--positive {positive} is not one of the classes {list(order)}")
+    return (next(c for c in order if c != chosen), chosen)
+
+
 def _sort_labels(labels: Iterable[str]) -> tuple[str, ...]:
     unique = set(labels)
     try:

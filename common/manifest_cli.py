@@ -17,10 +17,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "slide). Prints a per-site summary, or every problem with its line and column and exits 1.",
     )
     check.add_argument("file", help="the manifest CSV")
-    check.add_argument(
-        "--classes",
-        help="declared label classes in index order, comma-separated (e.g. 0,1); default: the labels found",
-    )
+    add_class_options(check)
     check.add_argument(
         "--require", choices=["features", "slide"], help="demand this path column on every row"
     )
@@ -31,6 +28,42 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="open every feature file (readable, tiles, finite values, one dimension and one encoder across "
         "the cohort) and check every slide path",
     )
+
+
+def add_class_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--classes and --positive, as `manifest check`, `simulate` and `compare` take them."""
+    p.add_argument(
+        "--classes",
+        metavar="A,B",
+        help="classes in index order (default: as found, sorted)",
+    )
+    p.add_argument("--positive", metavar="X", help="the positive class of a two-class task (default: 2nd)")
+
+
+def declared_classes(args: argparse.Namespace, manifest: object) -> tuple[str, ...] | None:
+    """The class order of --classes and --positive for `manifest` (a path; None when neither is given)."""
+    from pathlib import Path
+
+    from fedpath.common.cli import UserError
+    from fedpath.common.manifest import ManifestError, class_order, load_manifest
+
+    if not args.classes and not args.positive:
+        return None
+    given = [c for c in args.classes.split(",")] if args.classes else None
+    try:
+        found = [] if given else list(load_manifest(Path(str(manifest)), check_files=False).classes)
+        return class_order(found, classes=given, positive=args.positive)
+    except ManifestError as err:
+        raise UserError(f"invalid manifest:\n{err}") from err
+    except ValueError as err:
+        raise UserError(str(err)) from err
+
+
+def classes_line(classes: tuple[str, ...]) -> str:
+    """How the summaries state a task's classes: binary, with its positive class; or each against the rest."""
+    if len(classes) == 2:
+        return f"classes {list(classes)}, positive class '{classes[1]}'"
+    return f"classes {list(classes)} (no positive class: each class is reported against the rest)"
 
 
 def format_summary(manifest: object) -> str:
@@ -63,7 +96,7 @@ def format_summary(manifest: object) -> str:
 def _run(args: argparse.Namespace) -> int:
     from fedpath.common.manifest import ManifestError, load_manifest
 
-    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    classes = declared_classes(args, args.file)
     try:
         manifest = load_manifest(
             args.file, classes=classes, require=args.require, check_files=not args.no_file_check
@@ -84,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
             print(file_problems_text(manifest.path, problems), file=sys.stderr)
             return 1
     checked = " (every feature file read, every slide path found)" if args.deep else ""
-    print(f"\n{args.file}: OK{checked}, {len(manifest.sites)} sites, classes {list(manifest.classes)}")
+    print(f"\n{args.file}: OK{checked}, {len(manifest.sites)} sites, {classes_line(manifest.classes)}")
     return 0
 
 

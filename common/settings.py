@@ -26,9 +26,7 @@ class TrainingSettings(BaseModel):
     batch_size: int = Field(8, ge=1, description="bags (patients) per optimisation step")
     max_tiles: int = Field(512, ge=0, description="random tiles per training bag, 0 = all")
     val_fraction: float = Field(0.15, ge=0, lt=1, description="validation share of each training site")
-    test_fraction: float = Field(
-        0.25, ge=0, lt=1, description="test share of each site (compare: internal protocol only)"
-    )
+    test_fraction: float = Field(0.25, ge=0, lt=1, description="each site's test share (internal)")
     split_seed: int = Field(0, description="seed of the patient split")
     dp_clip: float = Field(1.0, gt=0, description="per-patient gradient clipping norm")
     dp_delta: float = Field(0.0, ge=0, lt=1, description="δ (0 = min(1e-5, 1/(100·patients at the site)))")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from fedpath.common.cli import Command, UserError
+from fedpath.common.manifest_cli import add_class_options
 
 
 def _add_server_arguments(p: argparse.ArgumentParser) -> None:
@@ -208,6 +209,7 @@ def check_run_folder(folder: object, run: object) -> None:
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.usage = "%(prog)s --superlink H:P (--root-certificates CA | --insecure) --out DIR --sites K --in-dim D [options]"
     p.add_argument("--superlink", required=True, help="SuperLink address HOST:PORT")
     tls = p.add_mutually_exclusive_group(required=True)
     tls.add_argument("--root-certificates", type=Path, help="CA certificate that signed the SuperLink's")
@@ -218,6 +220,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sites", required=True, type=int, help="number of sites expected in the federation")
     p.add_argument("--in-dim", required=True, type=int, help="tile feature dimension of the sites' features")
     p.add_argument("--num-classes", metavar="C", type=int, default=2, help="label classes")
+    add_class_options(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-wait", action="store_true", help="submit and return; follow with `flwr log`")
     p.add_argument(
@@ -229,6 +232,26 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     add_training_options(p)
 
 
+def run_classes(args: argparse.Namespace) -> tuple[str, ...]:
+    """The run's class labels in index order from --classes/--positive (the coordinator sees no labels, so
+    --positive needs --classes); () when neither is given: the sites state theirs."""
+    from fedpath.common.manifest import class_order
+
+    if args.positive and not args.classes:
+        raise UserError("--positive needs --classes A,B here: the coordinator sees no labels")
+    try:
+        classes = class_order(
+            [], classes=args.classes.split(",") if args.classes else None, positive=args.positive
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    if classes and args.num_classes not in (2, len(classes)):  # 2: the default
+        raise UserError(f"--classes names {len(classes)} classes but --num-classes says {args.num_classes}")
+    if classes is not None and len(classes) < 2:
+        raise UserError(f"--classes {args.classes}: a task needs at least 2 classes")
+    return classes or ()
+
+
 def _run_run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -238,10 +261,12 @@ def _run_run(args: argparse.Namespace) -> int:
 
     started_at = time.time()
     out: Path = args.out.resolve()
+    classes = run_classes(args)
     try:
         run = RunConfig(
             in_dim=args.in_dim,
-            num_classes=args.num_classes,
+            num_classes=len(classes) if classes else args.num_classes,
+            classes=",".join(classes),
             run_dir=str(out),
             resume=args.resume,
             **run_settings(args, args.sites),

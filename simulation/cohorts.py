@@ -663,6 +663,7 @@ def site_table(
     test_fraction: float = 0.0,
     split_seed: int,
     local: bool = True,
+    classes: Sequence[str] | None = None,
 ) -> list[str]:
     """The cohort at a glance, printed before a grid or a federation starts: per site its patients, their
     labels, the patients it trains on (LOSO: all but validation; `test_fraction` held back otherwise) and, with
@@ -670,7 +671,7 @@ def site_table(
     from fedpath.common.manifest import load_manifest, split_patients
     from fedpath.simulation.verdicts import MIN_HOSPITAL_CLASSES, MIN_HOSPITAL_PATIENTS
 
-    manifest = load_manifest(manifest_path)
+    manifest = load_manifest(manifest_path, classes=classes)
     labels = manifest.patient_labels()
     splits = split_patients(manifest, val=val_fraction, test=test_fraction, seed=split_seed)
     official = manifest.official_test() if manifest.has_official_split else None

@@ -148,7 +148,7 @@ class CompareConfig(TrainingSettings):
         None, ge=0, description="FedProx μ of fedprox-dp (default: first of the μ grid)"
     )
     rounds: int = Field(10, ge=1, description="federated rounds")
-    pooled_batches: str = Field("auto", description="pooled: auto|mixed|by-site (auto: by-site under loso)")
+    pooled_batches: str = Field("auto", description="by-site|mixed|auto (by-site if loso)")
     train_seed: int = Field(0, description="training seed of seed 0 (seed i: train_seed + i)")
     cpus_per_site: int = Field(1, ge=1, description="CPU cores per simulated site")
 
@@ -525,7 +525,8 @@ def check_state(root: Path, state: dict[str, Any], *, replace_other: bool) -> No
     if not path.exists():
         return
     old = json.loads(path.read_text())
-    changed = [f"{k}: {old.get(k)!r} → {v!r}" for k, v in state.items() if old.get(k) != v]
+    keys = [*state, *(["classes"] if "classes" in old and "classes" not in state else [])]
+    changed = [f"{k}: {old.get(k)!r} → {state.get(k)!r}" for k in keys if old.get(k) != state.get(k)]
     if not changed:
         return
     if replace_other:
@@ -618,11 +619,11 @@ def federation_manifest(manifest: Manifest, job: Job, folder: Path) -> Path:
     path = folder / "manifest.csv"
     seen = job.train_patients | job.val_patients
     write_manifest(path, [s for s in manifest.slides if s.site in job.train_sites and s.patient_id in seen])
-    classes = load_manifest(path).classes
-    if classes != manifest.classes:
+    held = {s.label for s in load_manifest(path, classes=manifest.classes).slides}
+    if held != set(manifest.classes):  # `not_trained` keeps such jobs out of the plan
         raise CompareError(
-            f"{job.describe()}: the training sites hold only the labels {list(classes)} of "
-            f"{list(manifest.classes)}; a LOSO federation needs every class at its training sites"
+            f"{job.describe()}: the training sites hold only the labels {sorted(held)} of "
+            f"{list(manifest.classes)}; a federation needs every class at its training sites"
         )
     return path
 
@@ -654,6 +655,7 @@ def train_federation(
     run = federation_config(
         manifest_path,
         run_dir=run_dir,
+        classes=manifest.classes,
         **{
             **config.training_settings(),
             "resume": True,  # a run cut off in an earlier invocation continues from its last checkpoint
@@ -876,15 +878,17 @@ def run_comparison(
     replace_other: bool = False,
     n_boot: int = 1000,
     say: Callable[[str], None] = print,
+    classes: Sequence[str] | None = None,
 ) -> Outcome:
     """Run every unfinished job of the grid, then render the report from all finished cells in `out`.
 
     `cohort` (how the sites were derived) goes into settings.json. A failed job is reported and skipped; the
-    others still run and the report shows what finished.
+    others still run and the report shows what finished. `classes`: the class order declared (--classes,
+    --positive); None: the labels found, sorted.
     """
     started = time.perf_counter()
     out = out.resolve()
-    manifest = load_manifest(manifest_path)
+    manifest = load_manifest(manifest_path, classes=classes)
     problems = precheck(manifest)
     if problems:
         raise CompareError(problems)
@@ -895,6 +899,8 @@ def run_comparison(
     for line in not_trained:
         say(line)
     state = {"cohort": cohort_fingerprint(manifest), **config.training()}
+    if classes is not None:  # a declared order changes what each output means (absent: sorted, as before)
+        state["classes"] = list(manifest.classes)
     check_state(out, state, replace_other=replace_other)
     write_text_atomic(out / STATE, json.dumps(state, indent=1) + "\n")
     todo = [j for j in jobs if not all(is_done(out, c) for c in j.cells)]

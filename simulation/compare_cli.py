@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedpath.common.cli import Command, UserError
+from fedpath.common.manifest_cli import add_class_options, declared_classes
 
 if TYPE_CHECKING:
     from fedpath.simulation.cohorts import Cohort
@@ -113,9 +114,15 @@ def synthetic(args: argparse.Namespace, out: Path, *, replace_other: bool = Fals
 
 
 def run_and_report(
-    cohort: Cohort, out: Path, config: CompareConfig, *, replace_other: bool = False
+    cohort: Cohort,
+    out: Path,
+    config: CompareConfig,
+    *,
+    replace_other: bool = False,
+    classes: tuple[str, ...] | None = None,
 ) -> Outcome:
-    """Run the grid over `cohort`, print the headline per protocol and where the report went."""
+    """Run the grid over `cohort`, print the headline per protocol and where the report went. `classes`: the
+    class order --classes/--positive declare (None: the labels found, sorted)."""
     from dataclasses import asdict
 
     from fedpath.common.manifest import ManifestError
@@ -131,7 +138,7 @@ def run_and_report(
     print(f"cohort: {len(cohort.sites)} sites")
     try:
         for line in site_table(
-            cohort.manifest, val_fraction=config.val_fraction, split_seed=config.split_seed
+            cohort.manifest, val_fraction=config.val_fraction, split_seed=config.split_seed, classes=classes
         ):
             print(f"  {line}")
     except ManifestError as err:
@@ -140,7 +147,9 @@ def run_and_report(
         print(f"  {note}")
     info = {k: v for k, v in asdict(cohort).items() if k != "manifest"} | {"manifest": str(cohort.manifest)}
     try:
-        outcome = run_comparison(cohort.manifest, out, config, cohort=info, replace_other=replace_other)
+        outcome = run_comparison(
+            cohort.manifest, out, config, cohort=info, replace_other=replace_other, classes=classes
+        )
     except CompareError as err:
         raise UserError(str(err)) from err
     for protocol in config.protocols:
@@ -189,20 +198,21 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--out", required=True, type=Path, help="run folder (cells/, jobs/, report); rerun to resume"
     )
     c = p.add_argument_group("cohort (synthetic: `fedpath synth --help` for the model)")
-    c.add_argument("--cohort", choices=COHORTS, metavar="C", default="manifest", help="|".join(COHORTS))
+    c.add_argument(
+        "--cohort", choices=COHORTS, metavar="C", default="manifest", help="one of " + ", ".join(COHORTS)
+    )
     c.add_argument(  # its old name
         "--sites-from", dest="cohort", choices=COHORTS, help=argparse.SUPPRESS
     )
-    c.add_argument(
-        "--manifest", type=Path, metavar="M", help="cohort manifest (manifest, tcga, tcga-region, camelyon16)"
-    )
+    c.add_argument("--manifest", type=Path, metavar="M", help="cohort manifest")
     c.add_argument(
         "--min-site-patients",
         metavar="N",
         type=int,
         default=20,
-        help="tcga, tcga-region: smaller sites → 'other'",
+        help="tcga*: smaller sites → 'other'",
     )
+    add_class_options(c)
     add_synthetic_options(p, sites=4, slides=160, dim=32, group=c)
     add_mil_options(c)
     add_grid_options(p, methods="local,pooled,fedavg,fedprox", seeds=3)
@@ -237,10 +247,14 @@ def dry_run(args: argparse.Namespace, config: CompareConfig) -> int:
                     source=args.cohort,
                     min_patients=args.min_site_patients,
                 )
+            classes = declared_classes(args, cohort.manifest)
             table = site_table(
-                cohort.manifest, val_fraction=config.val_fraction, split_seed=config.split_seed
+                cohort.manifest,
+                val_fraction=config.val_fraction,
+                split_seed=config.split_seed,
+                classes=classes,
             )
-            grid = describe_plan(load_manifest(cohort.manifest), config)
+            grid = describe_plan(load_manifest(cohort.manifest, classes=classes), config)
         except (CohortError, CompareError, ManifestError) as err:
             raise UserError(str(err)) from err
     print(f"cohort: {len(cohort.sites)} sites")
@@ -334,16 +348,15 @@ def _run(args: argparse.Namespace) -> int:
             )
         except CohortError as err:
             raise UserError(str(err)) from err
-    outcome = run_and_report(cohort, out, config)
+    outcome = run_and_report(cohort, out, config, classes=declared_classes(args, cohort.manifest))
     return 1 if outcome.failed else 0
 
 
 COMMAND = Command(
     name="compare",
     help="compare local, pooled, FedAvg, FedProx(+DP) across sites (leave-one-site-out, cv); resumable",
-    description="Train every method on identical patient splits; test at unseen hospitals (loso), the "
-    "sites' own test patients (internal) and/or patient folds (cv). Resumes what --out holds; ends with "
-    "the report.",
+    description="Every method on identical patient splits, tested at unseen hospitals (loso), sites' test "
+    "patients (internal, official) or folds (cv). Resumable.",
     add_arguments=_add_arguments,
     run=_run,
 )

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -40,9 +40,12 @@ class SimulationResult:
     overhead: float = 0.0  # seconds of this run that were not its rounds (Flower start-up and shutdown)
 
 
-def federation_config(manifest: str | Path, *, run_dir: Path, **settings: Any) -> RunConfig:
-    """The run config of a simulated federation over the sites of `manifest` (model shape read from it)."""
-    m = load_manifest(manifest)
+def federation_config(
+    manifest: str | Path, *, run_dir: Path, classes: Sequence[str] | None = None, **settings: Any
+) -> RunConfig:
+    """The run config of a simulated federation over the sites of `manifest` (model shape read from it);
+    `classes`: their declared order (--classes, --positive), else the labels found, sorted."""
+    m = load_manifest(manifest, classes=classes)
     try:
         in_dim = feature_dim(m)
     except FeatureFileError as err:
@@ -222,7 +225,7 @@ def held_out_auroc(model: Any, manifest: str | Path, run: RunConfig) -> list[Hel
     from fedpath.common.manifest import split_patients
     from fedpath.common.metrics import auroc
 
-    m = load_manifest(manifest)
+    m = load_manifest(manifest, classes=run.class_labels if run.classes else None)
     splits = split_patients(m, val=run.val_fraction, test=run.test_fraction, seed=run.split_seed)
     rows = []
     for site in m.sites:

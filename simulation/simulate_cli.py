@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 from fedpath.common.cli import Command, UserError
+from fedpath.common.manifest_cli import add_class_options, declared_classes
 from fedpath.server.server_cli import add_training_options, check_run_folder, run_settings
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.usage = "%(prog)s --manifest M --out DIR [options]"
     p.add_argument("--manifest", required=True, type=Path, help="cohort manifest; every site becomes a node")
     p.add_argument(
         "--sites-from",
@@ -29,10 +31,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         default=20,
         help="tcga, tcga-region: smaller sites → 'other'",
     )
+    add_class_options(p)
     p.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, round log, model, card)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_training_options(p)
-    p.add_argument("--cpus-per-site", type=int, default=1, help="CPU cores given to each simulated site")
+    p.add_argument("--cpus-per-site", metavar="N", type=int, default=1, help="CPU cores per simulated site")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -64,8 +67,9 @@ def _run(args: argparse.Namespace) -> int:
             print(note)
         print(f"sites derived ({args.sites_from}) into {cohort.manifest}")
         args.manifest = cohort.manifest
+    classes = declared_classes(args, args.manifest)
     try:
-        manifest = load_manifest(args.manifest)
+        manifest = load_manifest(args.manifest, classes=classes)
     except ManifestError as err:
         raise UserError(f"invalid manifest:\n{err}") from err
     sites = manifest.sites
@@ -74,14 +78,14 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(problems)
     try:
         run = federation_config(
-            args.manifest, run_dir=out, resume=args.resume, **run_settings(args, len(sites))
+            args.manifest, run_dir=out, resume=args.resume, classes=classes, **run_settings(args, len(sites))
         )
     except ValidationError as err:
         raise UserError(f"invalid settings: {err}") from err
     check_run_folder(RunFolder(out), run)
     table = site_table(
         args.manifest, val_fraction=run.val_fraction, test_fraction=run.test_fraction, split_seed=run.split_seed,
-        local=False,
+        local=False, classes=classes,
     )  # fmt: skip
     for line in table:
         print(f"  {line}")
