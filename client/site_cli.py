@@ -233,8 +233,9 @@ def _start(args: argparse.Namespace) -> int:
         install_launcher,
         signers_from_environment,
     )
+    from fedpath.common.cohortcheck import precheck
     from fedpath.common.features import FeatureFileError
-    from fedpath.common.manifest import ManifestError
+    from fedpath.common.manifest import ManifestError, load_manifest
     from fedpath.common.processes import (
         FlowerRuntimeError,
         flower_env,
@@ -248,8 +249,12 @@ def _start(args: argparse.Namespace) -> int:
     try:
         site = _site_of(manifest, args.site)
         data = load_site(SiteRef(manifest, site), RunConfig())
+        # the cheap part of `manifest check --deep` (headers, paths), here, before Flower starts
+        problems = precheck(load_manifest(manifest).for_site(site))
     except (ManifestError, SiteConfigError, FeatureFileError) as err:
         raise UserError(str(err)) from err
+    if problems:
+        raise UserError(problems)
     trust = {UNSIGNED_ENV: "1"} if args.allow_unsigned_apps else {TRUST_ENV: str(args.federation.resolve())}
     try:
         signers = signers_from_environment(trust)

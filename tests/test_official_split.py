@@ -201,3 +201,11 @@ def test_a_failed_derivation_writes_nothing_and_names_the_users_file_and_line(tm
         derive_cohort(source, out, source="camelyon16")
     assert f"{source}, line 4, column 'split'" in str(err.value)  # the user's line (a blank line above it)
     assert not out.parent.exists()
+
+
+def test_loso_over_two_hospitals_trains_no_pooled_or_federated_model(tmp_path: Path) -> None:
+    cohort = synthetic_cohort(tmp_path, sites=2, slides=40, dim=4)
+    jobs = plan(load_manifest(cohort.manifest), CompareConfig(methods=("local", "pooled", "fedavg"), seeds=1))
+    assert {j.family for j in jobs if not j.not_trained} == {"local"}
+    for job in (j for j in jobs if j.family != "local"):
+        assert job.not_trained.startswith(f"not trained: one training site ({job.train_sites[0]})")

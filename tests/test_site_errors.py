@@ -367,3 +367,23 @@ def test_untrained_model_card_says_so() -> None:
     text = render_model_card(card)
     assert "**Not a trained model.** no site trained: site-A: error code 4710" in text
     assert "weights: none" in text
+
+
+def test_site_start_checks_its_files_before_flower_starts(tmp_path: Path) -> None:
+    from tests.helpers import run_cli, write_csv, write_feature_file
+
+    good = [write_feature_file(tmp_path / f"ok{i}.h5", slide_id=f"ok{i}") for i in range(4)]
+    broken = tmp_path / "broken.h5"
+    broken.write_text("not an HDF5 file")
+    rows = [[f"ok{i}", f"p{i}", "H1", str(i % 2), str(f)] for i, f in enumerate(good)]
+    rows.append(["bad", "p9", "H1", "1", str(broken)])
+    manifest = write_csv(tmp_path / "m.csv", ["slide_id", "patient_id", "site", "label", "features"], rows)
+    result = run_cli(
+        "site", "start", "--manifest", str(manifest), "--superlink", "127.0.0.1:9", "--insecure",
+        "--allow-unsigned-apps", timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert (
+        "nothing was started" in result.stderr and "broken.h5" in result.stderr and "line 6" in result.stderr
+    )
+    assert "SuperNode" not in result.stdout  # Flower was never started
