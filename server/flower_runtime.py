@@ -13,9 +13,13 @@ runs offline with the packages it has), and the update check is off.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import os
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -280,43 +284,68 @@ def _zombie(pid: int) -> bool:
     return False
 
 
+def flwr_cli(args: Sequence[str], flwr_home: Path) -> tuple[int, str]:
+    """Flower's own command line (`flwr ARGS`) run in this process, with FLWR_HOME and the rest of
+    `flower_env` set for the call: the same commands and output without starting a process, which costs about
+    a second each (Python, typer and flwr imported again), several times per federation. Returns the exit
+    code and what the command wrote (stdout and stderr)."""
+    from flwr.cli.app import app as flwr_app
+    from typer.testing import CliRunner
+
+    env = {k: v for k, v in flower_env(flwr_home).items() if os.environ.get(k) != v}
+    json_out = io.StringIO()  # `--format json` prints to sys.__stdout__, past any redirection: take it here
+    with _FLWR_CLI_LOCK:
+        saved, sys.__stdout__ = sys.__stdout__, json_out  # type: ignore[misc,assignment]
+        try:
+            result = CliRunner().invoke(flwr_app, list(args), env=env, catch_exceptions=True)
+        finally:
+            sys.__stdout__ = saved  # type: ignore[misc]
+    # Ctrl-C or SIGTERM (fedpath's `Terminated`) during the call: click turns it into "Aborted!" and exit 1;
+    # raise it again so the command unwinds and stops its processes as it would outside the call
+    cause: BaseException | None = result.exception
+    while cause is not None:
+        if isinstance(cause, KeyboardInterrupt):
+            raise cause
+        cause = cause.__cause__ or cause.__context__
+    text = result.output + json_out.getvalue()
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        text += f"\n{type(result.exception).__name__}: {result.exception}"
+    return result.exit_code, text
+
+
+_FLWR_CLI_LOCK = threading.Lock()  # CliRunner swaps the process's stdout and environment for the call
+
+
+def _json_reply(text: str) -> Any:
+    return json.loads(text[text.index("{") : text.rindex("}") + 1])
+
+
 def submit_run(
     app_dir: Path, flwr_home: Path, *, connection: str = CONNECTION, federation_config: str | None = None
 ) -> int:
     """`flwr run APP CONNECTION`; returns the run id."""
-    cmd = [executable("flwr"), "run", str(app_dir), connection, "--format", "json"]
+    args = ["run", str(app_dir), connection, "--format", "json"]
     if federation_config:
-        cmd += ["--federation-config", federation_config]
-    done = subprocess.run(cmd, env=flower_env(flwr_home), capture_output=True, text=True, check=False)
+        args += ["--federation-config", federation_config]
+    code, text = flwr_cli(args, flwr_home)
     try:
-        reply = json.loads(done.stdout[done.stdout.index("{") :])
-        return int(reply["run-id"])
+        return int(_json_reply(text)["run-id"])
     except (ValueError, KeyError, TypeError):
-        raise FlowerRuntimeError(
-            f"`flwr run` did not start the run (exit {done.returncode}):\n{done.stdout}\n{done.stderr}"
-        ) from None
+        raise FlowerRuntimeError(f"`flwr run` did not start the run (exit {code}):\n{text}") from None
 
 
 def run_status(run_id: int, flwr_home: Path, *, connection: str = CONNECTION) -> str:
     """The run's status as `flwr ls` reports it, e.g. 'running', 'finished:completed', 'finished:failed'."""
-    cmd = [executable("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"]
-    done = subprocess.run(cmd, env=flower_env(flwr_home), capture_output=True, text=True, check=False)
+    code, text = flwr_cli(["ls", connection, "--run-id", str(run_id), "--format", "json"], flwr_home)
     try:
-        reply = json.loads(done.stdout[done.stdout.index("{") :])
-        return str(reply["runs"][0]["status"])
+        return str(_json_reply(text)["runs"][0]["status"])
     except (ValueError, KeyError, IndexError, TypeError):
-        raise FlowerRuntimeError(
-            f"`flwr ls` failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}"
-        ) from None
+        raise FlowerRuntimeError(f"`flwr ls` failed (exit {code}):\n{text}") from None
 
 
 def run_logs(run_id: int, flwr_home: Path, *, connection: str = CONNECTION) -> str:
     """The run's log (ServerApp output) as `flwr log --show` returns it."""
-    cmd = [executable("flwr"), "log", str(run_id), connection, "--show"]
-    done = subprocess.run(
-        cmd, env=flower_env(flwr_home), capture_output=True, text=True, check=False, timeout=120
-    )
-    return done.stdout + done.stderr
+    return flwr_cli(["log", str(run_id), connection, "--show"], flwr_home)[1]
 
 
 def describe_round(line: dict[str, Any], total: int) -> str:
@@ -348,8 +377,8 @@ def follow_run(
     """Print each round as its line appears in the run folder's round log; return the run's final status.
 
     The round log is only visible where the ServerApp writes it (the SuperLink's machine); elsewhere only the
-    status is followed. `flwr ls` is a process that costs a core for ~2 s, so it is asked every 15 s, and
-    often only once the run has written its model card.
+    status is followed. `flwr ls` runs in this process (`flwr_cli`, one Control API request): it is asked every
+    5 s, and every half second once the run has written its model card (the run is then shutting down).
     """
     seen = len(folder.read_rounds())
     deadline = time.monotonic() + timeout
@@ -361,7 +390,7 @@ def follow_run(
             say(describe_round(line, total_rounds))
         seen = max(seen, len(lines))
         finishing = folder.card_json.exists() and folder.card_json.stat().st_mtime >= started_at
-        if finishing or time.monotonic() - last_check > 15:
+        if finishing or time.monotonic() - last_check > 5:
             status, last_check = run_status(run_id, flwr_home, connection=connection), time.monotonic()
             if status.startswith("finished"):
                 return status
