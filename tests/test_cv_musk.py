@@ -225,7 +225,9 @@ def test_options_parse_into_the_config() -> None:
         dp_mu=0.2,
     )
     bad = parser.parse_args(["compare", "--out", "run", "--protocol", "kfold"])
-    with pytest.raises(UserError, match=r"--protocol: .*kfold given; choose from loso, internal, official, cv"):
+    with pytest.raises(
+        UserError, match=r"--protocol: .*kfold given; choose from loso, internal, official, cv"
+    ):
         compare_cli.compare_config(bad)
 
 
