@@ -664,6 +664,7 @@ def site_table(
     split_seed: int,
     local: bool = True,
     classes: Sequence[str] | None = None,
+    min_local: int | None = None,
 ) -> list[str]:
     """The cohort at a glance, printed before a grid or a federation starts: per site its patients, their
     labels, the patients it trains on (LOSO: all but validation; `test_fraction` held back otherwise) and, with
@@ -672,6 +673,7 @@ def site_table(
     from fedpath.simulation.verdicts import MIN_HOSPITAL_CLASSES, MIN_HOSPITAL_PATIENTS
 
     manifest = load_manifest(manifest_path, classes=classes)
+    min_local = MIN_HOSPITAL_PATIENTS if min_local is None else min_local
     labels = manifest.patient_labels()
     splits = split_patients(manifest, val=val_fraction, test=test_fraction, seed=split_seed)
     official = manifest.official_test() if manifest.has_official_split else None
@@ -708,8 +710,10 @@ def site_table(
         if local:
             if len({labels[p] for p in train}) < MIN_HOSPITAL_CLASSES:
                 row.append("none: one class only (AUROC undefined when tested here)")
-            elif len(train) < MIN_HOSPITAL_PATIENTS:
-                row.append(f"none: too small to train alone (< {MIN_HOSPITAL_PATIENTS} training patients)")
+            elif len(train) < min_local:
+                row.append(f"none: too small to train alone (< {min_local} training patients)")
+            elif len(train) < MIN_HOSPITAL_PATIENTS:  # --min-local-patients below the report's rule
+                row.append(f"trained; never the best hospital (< {MIN_HOSPITAL_PATIENTS} training patients)")
             else:
                 row.append("trained, a candidate for the best hospital")
         rows.append(row)

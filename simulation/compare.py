@@ -151,6 +151,9 @@ class CompareConfig(TrainingSettings):
     pooled_batches: str = Field("auto", description="by-site|mixed|auto (by-site if loso)")
     train_seed: int = Field(0, description="training seed of seed 0 (seed i: train_seed + i)")
     cpus_per_site: int = Field(1, ge=1, description="CPU cores per simulated site")
+    min_local_patients: int = Field(
+        MIN_HOSPITAL_PATIENTS, ge=1, description="sites with fewer training patients: no local model"
+    )
 
     def test_fraction_of(self, protocol: str) -> float:
         """Share of each training site's patients held back for testing: none under LOSO, where the test
@@ -391,13 +394,16 @@ def _seed_jobs(
     return jobs
 
 
-def too_small_alone(train: frozenset[str], labels: Mapping[str, int]) -> str:
+def too_small_alone(
+    train: frozenset[str], labels: Mapping[str, int], min_patients: int = MIN_HOSPITAL_PATIENTS
+) -> str:
     """Why a site's training patients cannot make a local model worth comparing ('' when they can): fewer
-    than `MIN_HOSPITAL_PATIENTS`, or one class only."""
+    than `min_patients` (`--min-local-patients`), or one class only. The report's best hospital is chosen among
+    local models of at least `MIN_HOSPITAL_PATIENTS` whatever this is."""
     if len({labels[p] for p in train if p in labels}) < MIN_HOSPITAL_CLASSES:
         return "one class only"
-    if len(train) < MIN_HOSPITAL_PATIENTS:
-        return f"too small to train alone ({len(train)} training patients < {MIN_HOSPITAL_PATIENTS})"
+    if len(train) < min_patients:
+        return f"too small to train alone ({len(train)} training patients < {min_patients})"
     return ""
 
 
@@ -442,7 +448,7 @@ def _split_jobs(
     jobs = []
     if "local" in config.methods:
         for s in sites:
-            if too_small_alone(splits[s].train, labels):
+            if too_small_alone(splits[s].train, labels, config.min_local_patients):
                 continue  # still in every federation; the cohort table says why it has no local model
             tested = {"loso": [t for t in sites if t != s], "internal": [s], "official": list(tests)}.get(
                 protocol, [fold]

@@ -43,7 +43,7 @@ def add_synthetic_options(
     )
 
 
-GRID_FIELDS = ("protocols", "methods", "seeds", "folds", "mu", "dp_epsilons", "dp_mu")
+GRID_FIELDS = ("protocols", "methods", "seeds", "folds", "mu", "dp_epsilons", "dp_mu", "min_local_patients")
 RESOURCE_FIELDS = ("cpus_per_site",)
 OPTION_NAMES = {"protocols": "protocol"}  # CompareConfig field → option name, where they differ
 
@@ -74,10 +74,16 @@ def add_grid_options(
             names,
             names=OPTION_NAMES,
             defaults={**(defaults or {}), "methods": methods, "seeds": seeds},
-            helps={"protocols": ",".join(PROTOCOLS), "methods": ",".join(METHODS)},
+            helps={"protocols": ",".join(PROTOCOLS), "methods": _methods_help(methods, METHODS)},
             metavars={"protocols": "P[,P]", "methods": "M[,M]", "pooled_batches": "B"},
         )
     p.usage = p.usage or "%(prog)s [options]"
+
+
+def _methods_help(default: str, known: Sequence[str]) -> str:
+    """The methods beside the default ones (the default is shown after the help)."""
+    others = [m for m in known if m not in default.split(",")]
+    return f"or {','.join(others)}" if others else ",".join(known)
 
 
 def compare_config(args: argparse.Namespace, **fixed: Any) -> CompareConfig:
@@ -138,7 +144,11 @@ def run_and_report(
     print(f"cohort: {len(cohort.sites)} sites")
     try:
         for line in site_table(
-            cohort.manifest, val_fraction=config.val_fraction, split_seed=config.split_seed, classes=classes
+            cohort.manifest,
+            val_fraction=config.val_fraction,
+            split_seed=config.split_seed,
+            classes=classes,
+            min_local=config.min_local_patients,
         ):
             print(f"  {line}")
     except ManifestError as err:
@@ -253,6 +263,7 @@ def dry_run(args: argparse.Namespace, config: CompareConfig) -> int:
                 val_fraction=config.val_fraction,
                 split_seed=config.split_seed,
                 classes=classes,
+                min_local=config.min_local_patients,
             )
             grid = describe_plan(load_manifest(cohort.manifest, classes=classes), config)
         except (CohortError, CompareError, ManifestError) as err:
@@ -355,8 +366,7 @@ def _run(args: argparse.Namespace) -> int:
 COMMAND = Command(
     name="compare",
     help="compare local, pooled, FedAvg, FedProx(+DP) across sites (leave-one-site-out, cv); resumable",
-    description="Every method on identical patient splits, tested at unseen hospitals (loso), sites' test "
-    "patients (internal, official) or folds (cv). Resumable.",
+    description="All methods on one patient split: loso, internal, official or cv; resumable.",
     add_arguments=_add_arguments,
     run=_run,
 )

@@ -464,3 +464,27 @@ def test_dry_run_prints_every_jobs_patients_and_writes_nothing(
         f"train {len(first.train_patients):>4} / val {len(first.val_patients):>3} patients at {first.train_sites[0]}"
         in said
     )
+
+
+def test_min_local_patients_decides_which_sites_train_alone(tmp_path: Path) -> None:
+    from fedpath.simulation.cohorts import site_table
+
+    rows = []
+    for site, n in (("big", 30), ("small", 8)):
+        for i in range(n):
+            path = write_feature_file(tmp_path / f"{site}{i}.h5", n_tiles=3, dim=4, slide_id=f"{site}{i}")
+            rows.append([f"{site}{i}", f"{site}-p{i}", site, str(i % 2), str(path)])
+    manifest = write_csv(tmp_path / "m.csv", ["slide_id", "patient_id", "site", "label", "features"], rows)
+    m = load_manifest(manifest)
+    for threshold, small_alone in ((10, False), (5, True)):
+        config = CompareConfig(methods=("local",), seeds=1, min_local_patients=threshold)
+        locals_ = {j.train_sites[0] for j in plan(m, config)}
+        assert ("small" in locals_) == small_alone and "big" in locals_
+        table = site_table(manifest, val_fraction=0.15, split_seed=0, min_local=threshold)
+        small = next(line for line in table if line.startswith("small"))
+        expected = (
+            "trained; never the best hospital (< 10"
+            if small_alone
+            else f"none: too small to train alone (< {threshold}"
+        )
+        assert expected in small, small
