@@ -31,10 +31,11 @@ typecheck: $(STAMP)
 	MYPYPATH=.typecheck $(BIN)/mypy -p fedpath
 	MYPYPATH=.typecheck $(BIN)/mypy benchmarks
 
-# Three pytest workers on two cores: the slowest tests mostly wait on Flower (a SuperNode polls every 3 s, a
-# killed site is noticed after two 30 s heartbeats), so a third worker fills the idle time (measured on 2 cores:
-# 11 min in one process, 9.3 min in three). Each worker starts its own Ray head when its tests need one.
-PYTEST_WORKERS ?= 3
+# Two pytest workers on two cores: the slowest tests mostly wait on Flower (a SuperNode polls every 3 s, a
+# killed site is noticed after two 30 s heartbeats), so a second worker fills the idle time. Three were faster
+# still (8-9 min against 11 in one process) but once starved a simulated run's Ray workers past their start
+# timeout. Each worker starts its own Ray head when its tests need one.
+PYTEST_WORKERS ?= 2
 unit: $(STAMP) browser
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist load --durations=12
 

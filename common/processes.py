@@ -53,6 +53,9 @@ def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[s
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # Ray gives a starting worker 60 s to register; a ClientApp actor imports torch first, and on a busy machine
+    # (seen: three test workers on two cores) that can take longer, which fails the whole simulated run
+    env.setdefault("RAY_worker_register_timeout_seconds", "300")
     return env
 
 
