@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from fedpath.common.cli import Command
 
@@ -40,18 +41,19 @@ def add_class_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> N
     p.add_argument("--positive", metavar="X", help="the positive class of a two-class task (default: 2nd)")
 
 
-def declared_classes(args: argparse.Namespace, manifest: object) -> tuple[str, ...] | None:
-    """The class order of --classes and --positive for `manifest` (a path; None when neither is given)."""
-    from pathlib import Path
-
+def declared_classes(args: argparse.Namespace, manifest: Path | None) -> tuple[str, ...] | None:
+    """The class order of --classes and --positive (None when neither is given); --positive alone takes the
+    labels found in `manifest`, and needs --classes where there is none (the coordinator sees no labels)."""
     from fedpath.common.cli import UserError
     from fedpath.common.manifest import ManifestError, class_order, load_manifest
 
     if not args.classes and not args.positive:
         return None
-    given = [c for c in args.classes.split(",")] if args.classes else None
+    if manifest is None and not args.classes:
+        raise UserError("--positive needs --classes A,B here: the coordinator sees no labels")
+    given = args.classes.split(",") if args.classes else None
     try:
-        found = [] if given else list(load_manifest(Path(str(manifest)), check_files=False).classes)
+        found = [] if given or manifest is None else list(load_manifest(manifest, check_files=False).classes)
         return class_order(found, classes=given, positive=args.positive)
     except ManifestError as err:
         raise UserError(f"invalid manifest:\n{err}") from err
@@ -96,7 +98,7 @@ def format_summary(manifest: object) -> str:
 def _run(args: argparse.Namespace) -> int:
     from fedpath.common.manifest import ManifestError, load_manifest
 
-    classes = declared_classes(args, args.file)
+    classes = declared_classes(args, Path(args.file))
     try:
         manifest = load_manifest(
             args.file, classes=classes, require=args.require, check_files=not args.no_file_check

@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -257,17 +258,19 @@ def ray_agents(head: FlowerProcess) -> list[int]:
     agents = set(pids_with_environment({f"RAY_RAYLET_PID={pid}".encode() for pid in raylets}))
     for entry in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            # /proc/PID/stat: "pid (name) state ppid ..."; the name may hold spaces, so split after ')'
-            if int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1]) in raylets:
+            if int(_stat_fields(int(entry.name))[1]) in raylets:  # its parent
                 agents.add(int(entry.name))
     return sorted(agents)
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the process name ("pid (name) state ppid ..."; the name may hold spaces and
+    parentheses, so the fields start after the last ')'): state, ppid, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def stop_ray_agents(agents: Sequence[int], timeout: float = 10.0) -> None:
     """SIGKILL the agents `ray_agents` found before their head was stopped, until none is left."""
-    import os
-    import signal
-
     left = list(agents)
     deadline = time.monotonic() + timeout
     while left and time.monotonic() < deadline:
@@ -280,7 +283,7 @@ def stop_ray_agents(agents: Sequence[int], timeout: float = 10.0) -> None:
 
 def _zombie(pid: int) -> bool:
     with contextlib.suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        return _stat_fields(pid)[0] == "Z"
     return False
 
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from fedpath.common.cli import Command, UserError
-from fedpath.common.manifest_cli import add_class_options
+from fedpath.common.manifest_cli import add_class_options, declared_classes
 
 
 def _add_server_arguments(p: argparse.ArgumentParser) -> None:
@@ -235,16 +235,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 def run_classes(args: argparse.Namespace) -> tuple[str, ...]:
     """The run's class labels in index order from --classes/--positive (the coordinator sees no labels, so
     --positive needs --classes); () when neither is given: the sites state theirs."""
-    from fedpath.common.manifest import class_order
-
-    if args.positive and not args.classes:
-        raise UserError("--positive needs --classes A,B here: the coordinator sees no labels")
-    try:
-        classes = class_order(
-            [], classes=args.classes.split(",") if args.classes else None, positive=args.positive
-        )
-    except ValueError as err:
-        raise UserError(str(err)) from err
+    classes = declared_classes(args, None)
     if classes and args.num_classes not in (2, len(classes)):  # 2: the default
         raise UserError(f"--classes names {len(classes)} classes but --num-classes says {args.num_classes}")
     if classes is not None and len(classes) < 2:

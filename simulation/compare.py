@@ -239,8 +239,8 @@ class Job:
     train_patients: frozenset[str]
     cells: tuple[Cell, ...]
     val_patients: frozenset[str] = frozenset()  # the training sites' validation patients (round selection)
-    # why a pooled or federated job is not trained: a class of the cohort at none of its training patients
-    # (one rule for both: a model that never saw a class is compared with nothing); '' when it is trained
+    # why a pooled or federated job is not trained (`not_trained`: one training site, or a class of the cohort
+    # at none of its training patients; one rule for both); '' when it is trained
     not_trained: str = ""
 
     @property
@@ -280,12 +280,14 @@ def plan(manifest: Manifest, config: CompareConfig) -> list[Job]:
         )
     if "cv" in config.protocols:
         check_folds(manifest, config.folds)
+    if "official" in config.protocols:
+        check_official(manifest)
+    labels = manifest.patient_labels()
     jobs: list[Job] = []
     for protocol in config.protocols:
         for i in range(config.seeds):
             split_seed = config.split_seed + (0 if protocol == "loso" else i)
-            jobs += _seed_jobs(manifest, config, protocol, config.train_seed + i, split_seed)
-    labels = manifest.patient_labels()
+            jobs += _seed_jobs(manifest, config, protocol, config.train_seed + i, split_seed, labels)
     jobs = [
         j if j.family == "local" else replace(j, not_trained=not_trained(manifest, j, labels)) for j in jobs
     ]
@@ -353,16 +355,20 @@ def check_official(manifest: Manifest) -> None:
 
 
 def _seed_jobs(
-    manifest: Manifest, config: CompareConfig, protocol: str, seed: int, split_seed: int
+    manifest: Manifest,
+    config: CompareConfig,
+    protocol: str,
+    seed: int,
+    split_seed: int,
+    labels: Mapping[str, int],
 ) -> list[Job]:
-    """The jobs of one protocol and seed."""
+    """The jobs of one protocol and seed (`labels`: the cohort's patient labels)."""
     if protocol == "official":
-        check_official(manifest)
         splits = split_patients(manifest, val=config.val_fraction, test=0.0, seed=split_seed, official=True)
         tests = {s: split.test for s, split in splits.items() if split.test}  # a site without any: no cell
         # the official test patients are in no training: a site holding only those sits training out
         splits = {s: split for s, split in splits.items() if split.train}
-        return _split_jobs(config, protocol, seed, split_seed, splits, tests, manifest.patient_labels())
+        return _split_jobs(config, protocol, seed, split_seed, splits, tests, labels)
     if protocol != "cv":
         splits = split_patients(
             manifest, val=config.val_fraction, test=config.test_fraction_of(protocol), seed=split_seed
@@ -372,7 +378,7 @@ def _seed_jobs(
             s: frozenset(p for p, at in site_of.items() if at == s) if protocol == "loso" else splits[s].test
             for s in manifest.sites
         }
-        return _split_jobs(config, protocol, seed, split_seed, splits, tests, manifest.patient_labels())
+        return _split_jobs(config, protocol, seed, split_seed, splits, tests, labels)
     jobs = []
     everyone = set(manifest.patients())
     for f, test in enumerate(patient_folds(manifest, config.folds, seed=split_seed)):
@@ -389,7 +395,7 @@ def _seed_jobs(
             split_seed,
             splits,
             {fold_name(f, config.folds): test},
-            manifest.patient_labels(),
+            labels,
         )
     return jobs
 
@@ -1219,7 +1225,8 @@ def format_headline(table: Comparison, protocol: str | None = None) -> str:
     if table.pooled_test:
         lines.append("  AUROC on the pooled test set (every site's test patients together; FLamby's figure):")
         lines += [
-            f"    {r.label:<{width}}  {_cell(table.pooled_test[r.method][0], 5)}  ± {_cell(table.pooled_test[r.method][1], 5)}"
+            f"    {(f'{r.label} ✗' if r.excluded else r.label):<{width}}  "
+            f"{_cell(table.pooled_test[r.method][0], 5)}  ± {_cell(table.pooled_test[r.method][1], 5)}"
             for r in table
             if r.method in table.pooled_test
         ]
