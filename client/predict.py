@@ -23,9 +23,10 @@ import io
 import json
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -40,8 +41,8 @@ from fedpath.common.features import (
     inspect_features,
     provenance,
     provenance_mismatch,
-    read_feature_matrix,
     read_features,
+    read_matrix,
 )
 from fedpath.common.manifest import load_manifest
 from fedpath.common.modelfile import Checkpoint, RunFolderError, load_model
@@ -186,26 +187,35 @@ def check_inputs(
 
 
 def score_bag(
-    model: nn.Module, features: np.ndarray, *, evidence: bool = False, temperature: float = 1.0
+    model: nn.Module,
+    features: np.ndarray,
+    *,
+    evidence: bool | Sequence[int] | Literal["predicted"] = False,
+    temperature: float = 1.0,
 ) -> SlideScores:
-    """Probabilities softmax(logits / temperature) and attention of one bag; with `evidence`, per class the
-    tiles' attention × gradient map: a tile's attention times its positive gradient × input evidence for that
-    class's logit (zero where the tile speaks against the class)."""
+    """Probabilities softmax(logits / temperature) and attention of one bag (`model` in eval mode); with
+    `evidence` (True: every class; a list: those classes; "predicted": the bag's most probable class), per
+    class the tiles' attention × gradient map: a tile's attention times its positive gradient × input evidence
+    for that class's logit (zero where the tile speaks against the class). Each class costs a backward pass."""
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))[None]
     mask = torch.ones(x.shape[:2], dtype=torch.bool)
-    if not evidence:
+    if evidence is False:
         with torch.no_grad():
             out = model(x, mask)
         return SlideScores(torch.softmax(out.logits / temperature, -1)[0].numpy(), out.attention[0].numpy())
     x.requires_grad_(True)
     out = model(x, mask)
     attention = out.attention[0].detach().numpy()
+    probs = torch.softmax(out.logits.detach() / temperature, -1)[0].numpy()
+    if evidence == "predicted":
+        classes = [int(probs.argmax())]
+    else:
+        classes = list(range(out.logits.shape[-1])) if evidence is True else [int(k) for k in evidence]
     maps = {}
-    for k in range(out.logits.shape[-1]):
-        (grad,) = torch.autograd.grad(out.logits[0, k], x, retain_graph=True)
+    for i, k in enumerate(classes):
+        (grad,) = torch.autograd.grad(out.logits[0, k], x, retain_graph=i < len(classes) - 1)
         contribution = (grad[0] * x[0]).sum(-1).detach().numpy()
         maps[str(k)] = attention * np.maximum(contribution, 0.0)
-    probs = torch.softmax(out.logits.detach() / temperature, -1)[0].numpy()
     return SlideScores(probs, attention, maps)
 
 
@@ -285,7 +295,8 @@ def predict_slides(
     model's). Several models (an ensemble, e.g. seeds) give the mean probability, its SD across the models
     (``spread``) and the union of their conformal sets (covering at least as often as each model's; none when
     a model carries no calibration). `on_slide(slide, coords_px or None, features, scores)` sees each slide's
-    scores (heatmaps: the members' mean attention and maps). `infos`: the headers from `check_inputs`."""
+    scores: the members' mean attention and, with `evidence`, the mean attention × gradient map of the
+    predicted class (heatmaps). `infos`: the headers from `check_inputs`."""
     models = [loaded] if isinstance(loaded, LoadedModel) else list(loaded)
     check_ensemble(models)
     thresholds = [
@@ -293,14 +304,19 @@ def predict_slides(
         for m in models
     ]
 
+    temperatures = [1.0 if m.calibration is None else m.calibration.temperature for m in models]
+    for m in models:
+        m.model.eval()
+
     def score(features: np.ndarray, with_evidence: bool) -> tuple[SlideScores, _Scored]:
-        outs = [
-            score_bag(
-                m.model.eval(), features, evidence=with_evidence,
-                temperature=1.0 if m.calibration is None else m.calibration.temperature,
-            )
-            for m in models
-        ]  # fmt: skip
+        members = list(zip(models, temperatures, strict=True))
+        if with_evidence and len(models) == 1:
+            outs = [score_bag(models[0].model, features, evidence="predicted", temperature=temperatures[0])]
+        else:
+            outs = [score_bag(m.model, features, temperature=t) for m, t in members]
+            if with_evidence:  # the ensemble's predicted class: then each member's map of it
+                k = int(np.mean([o.probs for o in outs], axis=0).argmax())
+                outs = [score_bag(m.model, features, evidence=[k], temperature=t) for m, t in members]
         stacked = np.stack([o.probs for o in outs])
         stated = [t for t in thresholds if t is not None]
         sets = None
@@ -323,30 +339,46 @@ def predict_slides(
     waiting: dict[str, list[np.ndarray]] = {}
     patients: dict[str, tuple[_Scored, int, set[str | None]]] = {}  # scores, tiles, labels
 
-    # Read in this thread: h5py holds the GIL while it reads, so a reader thread only stalls the model (measured
-    # slower than reading in turn), and a reader process costs more in copying than it saves
-    # (benchmarks/bench_predict.py). Coordinates are read only for heatmaps.
-    for slide in slides:
+    def read(slide: Slide) -> TileFeatures:  # coordinates only for heatmaps
         info = known.get(slide.slide_id) or inspect_features(slide.features)
         if on_slide is None:
-            tiles = TileFeatures(read_feature_matrix(slide.features, layout=info.layout), None, None, info)
-        else:
-            tiles = read_features(slide.features, info)
-        scores, scored = score(tiles.features, evidence)
-        what = _Row("slide", slide.patient_id, slide.slide_id, len(tiles.features), slide.label)
-        rows.append(_row(models, what, scored))
-        pid = slide.patient_id
-        _, counted, labels = patients.get(pid, (scored, 0, set()))
-        patients[pid] = (scored, counted + len(tiles.features), labels | {slide.label})
-        if slides_of[pid] > 1:
-            waiting.setdefault(pid, []).append(tiles.features)
-            if len(waiting[pid]) == slides_of[pid]:
-                _, pooled = score(np.concatenate(waiting.pop(pid)), False)
-                patients[pid] = (pooled, *patients[pid][1:])
-        if on_slide is not None:
-            on_slide(slide, tiles.coords_px, tiles.features, scores)
-        if progress is not None:
-            progress(1)
+            return TileFeatures(read_matrix(info), None, None, info)
+        return read_features(slide.features, info)
+
+    def prefetched(slide: Slide) -> bool:
+        # The next slide is read by a thread while the model scores this one when its matrix can be read as
+        # plain bytes (a fedpath file, or any uncompressed one): that read lets the model run. h5py's reads hold
+        # the GIL, and a reader thread using them only stalled the model (benchmarks/bench_predict.py).
+        info = known.get(slide.slide_id)
+        return on_slide is None and info is not None and info.extent is not None
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedpath-read")
+    ahead: Future[TileFeatures] | None = None
+    try:
+        for i, slide in enumerate(slides):
+            tiles = read(slide) if ahead is None else ahead.result()
+            ahead = (
+                pool.submit(read, slides[i + 1])
+                if i + 1 < len(slides) and prefetched(slides[i + 1])
+                else None
+            )
+            scores, scored = score(tiles.features, evidence)
+            what = _Row("slide", slide.patient_id, slide.slide_id, len(tiles.features), slide.label)
+            rows.append(_row(models, what, scored))
+            pid = slide.patient_id
+            _, counted, labels = patients.get(pid, (scored, 0, set()))
+            patients[pid] = (scored, counted + len(tiles.features), labels | {slide.label})
+            if slides_of[pid] > 1:
+                waiting.setdefault(pid, []).append(tiles.features)
+                if len(waiting[pid]) == slides_of[pid]:
+                    _, pooled = score(np.concatenate(waiting.pop(pid)), False)
+                    patients[pid] = (pooled, *patients[pid][1:])
+            if on_slide is not None:
+                on_slide(slide, tiles.coords_px, tiles.features, scores)
+            if progress is not None:
+                progress(1)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     for pid, (scored, counted, labels) in patients.items():
         label = next(iter(labels)) if len(labels) == 1 else None
         rows.append(_row(models, _Row("patient", pid, "", counted, label), scored))

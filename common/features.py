@@ -79,6 +79,20 @@ class FeatureFileInfo:
     tile_size_um: float | None
     slide_mpp: float | None
     attrs: dict[str, Any]
+    extent: RawExtent | None = None  # where the feature matrix lies in the file, when it can be read directly
+
+
+@dataclass(frozen=True)
+class RawExtent:
+    """Where an uncompressed, contiguous feature matrix lies in its file, and the file as its header was read
+    (size, modification time): the matrix can then be read with one plain read, which, unlike h5py's, lets
+    other threads run. A file changed since is read through h5py again."""
+
+    offset: int
+    dtype: str  # "<f4" or "<f2"
+    shape: tuple[int, ...]
+    file_size: int
+    mtime_ns: int
 
 
 @dataclass(frozen=True)
@@ -190,9 +204,30 @@ def _num(value: Any, kind: type) -> Any:
     return out
 
 
+def _extent(ds: h5py.Dataset, path: Path) -> RawExtent | None:
+    """The dataset's place in the file when it is stored as one plain little-endian float array."""
+    dtype = ds.dtype.str
+    if dtype not in ("<f4", "<f2") or ds.chunks is not None or ds.compression is not None:
+        return None
+    dcpl = ds.id.get_create_plist()
+    if dcpl.get_nfilters() or dcpl.get_external_count():
+        return None
+    offset = ds.id.get_offset()
+    if offset is None:  # not allocated: an empty dataset
+        return None
+    stat = path.stat()
+    extent = RawExtent(int(offset), dtype, tuple(int(n) for n in ds.shape), stat.st_size, stat.st_mtime_ns)
+    return extent if extent.offset + _nbytes(extent) <= stat.st_size else None
+
+
+def _nbytes(extent: RawExtent) -> int:
+    return int(np.prod(extent.shape)) * np.dtype(extent.dtype).itemsize
+
+
 def _info(f: h5py.File, path: Path) -> FeatureFileInfo:
     layout = _layout_of(f, path)
-    n, d = _shape2(_feature_dataset(f, layout, path))
+    ds = _feature_dataset(f, layout, path)
+    n, d = _shape2(ds)
     attrs = {k: _plain(v) for k, v in f.attrs.items()}
     if layout == "clam" and "coords" in f:
         # CLAM/TRIDENT keep patch geometry on the coords dataset
@@ -209,6 +244,7 @@ def _info(f: h5py.File, path: Path) -> FeatureFileInfo:
         tile_size_um=_num(attrs.get("tile_size_um"), float),
         slide_mpp=_num(attrs.get("slide_mpp") or attrs.get("mpp"), float),
         attrs=attrs,
+        extent=_extent(ds, path),
     )
 
 
@@ -236,7 +272,10 @@ def _matrix(f: h5py.File, layout: Layout, p: Path, rows: np.ndarray | None = Non
         raise FeatureFileError(f"{p}: features cannot be read ({err})") from err
     if ds.ndim == 3:
         data = data[0] if rows is None else data[0][rows]
-    out = np.asarray(data, dtype=np.float32)
+    return _finite(np.asarray(data, dtype=np.float32), p)
+
+
+def _finite(out: np.ndarray, p: Path) -> np.ndarray:
     if not np.isfinite(out).all():
         raise FeatureFileError(f"{p}: features contain NaN or Inf; re-extract this slide")
     return out
@@ -250,6 +289,37 @@ def read_feature_matrix(
     p = Path(path)
     with _open(p) as f:
         return _matrix(f, layout or _layout_of(f, p), p, rows)
+
+
+def read_matrix(info: FeatureFileInfo) -> np.ndarray:
+    """The (N, D) float32 features of the file `info` describes (`inspect_features`). When its header found the
+    matrix stored plainly and the file is unchanged since, one read of its bytes, which lets other threads run
+    meanwhile (a prefetching reader beside a model); otherwise through h5py. Same checks either way."""
+    extent = info.extent
+    if extent is None:
+        return read_feature_matrix(info.path, layout=info.layout)
+    try:
+        with open(info.path, "rb", buffering=0) as fh:
+            stat = os.fstat(fh.fileno())
+            if (stat.st_size, stat.st_mtime_ns) != (extent.file_size, extent.mtime_ns):
+                return read_feature_matrix(info.path, layout=info.layout)  # changed since its header was read
+            # numpy's buffer, not a bytearray: its pages are first touched inside the read, which lets other
+            # threads run, rather than zeroed while holding the GIL
+            data = np.empty(extent.shape[-2:], dtype=extent.dtype)
+            view, got = memoryview(data.data).cast("B"), 0
+            fh.seek(extent.offset)
+            while got < view.nbytes:
+                n = fh.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+    except FileNotFoundError as err:
+        raise FeatureFileError(f"{info.path}: feature file does not exist") from err
+    except OSError as err:
+        raise FeatureFileError(f"{info.path}: features cannot be read ({err})") from err
+    if got != view.nbytes:
+        raise FeatureFileError(f"{info.path}: features cannot be read (the file ends inside them)")
+    return _finite(data if extent.dtype == "<f4" else data.astype(np.float32), info.path)
 
 
 def read_features(path: str | os.PathLike[str], info: FeatureFileInfo | None = None) -> TileFeatures:

@@ -11,6 +11,7 @@ from fedpath.common.features import (
     inspect_features,
     read_feature_matrix,
     read_features,
+    read_matrix,
     write_features,
 )
 
@@ -113,3 +114,55 @@ def test_write_is_atomic(tmp_path: Path) -> None:
         raise KeyboardInterrupt
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
+
+
+def test_plain_read_equals_h5py_for_every_layout(tmp_path: Path) -> None:
+    """`read_matrix` reads a plainly stored matrix as bytes: the same floats as h5py, for fedpath (float32 and
+    float16), STAMP and CLAM's (1, N, D); a chunked, compressed file has no extent and is read by h5py."""
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(7, 5)).astype(np.float32)
+    coords = np.arange(14).reshape(7, 2) * 256
+    paths = [
+        write_features(tmp_path / "f32.h5", feats, coords, meta()),
+        write_features(tmp_path / "f16.h5", feats, coords, meta(), dtype="float16"),
+    ]
+    with h5py.File(tmp_path / "stamp.h5", "w") as f:
+        f["feats"] = feats
+    with h5py.File(tmp_path / "clam.h5", "w") as f:
+        f["features"] = feats[None]
+    with h5py.File(tmp_path / "gzip.h5", "w") as f:
+        f.create_dataset("features", data=feats, compression="gzip", chunks=(2, 5))
+    paths += [tmp_path / "stamp.h5", tmp_path / "clam.h5", tmp_path / "gzip.h5"]
+    for path in paths:
+        info = inspect_features(path)
+        assert (info.extent is None) == (path.name == "gzip.h5"), path.name
+        got = read_matrix(info)
+        assert got.dtype == np.float32 and got.shape == (7, 5)
+        np.testing.assert_array_equal(got, read_feature_matrix(path))
+
+
+def test_plain_read_of_a_changed_file_is_not_stale(tmp_path: Path) -> None:
+    """A file rewritten, truncated or filled with NaN after its header was read: new values read through h5py,
+    or an error naming the file; never bytes at the old place."""
+    coords = np.zeros((4, 2), dtype=np.int64)
+    first = np.ones((4, 3), dtype=np.float32)
+    path = write_features(tmp_path / "s.h5", first, coords, meta())
+    info = inspect_features(path)
+    assert info.extent is not None
+    np.testing.assert_array_equal(read_matrix(info), first)
+
+    second = np.full((6, 3), 2.0, dtype=np.float32)
+    write_features(path, second, np.zeros((6, 2), dtype=np.int64), meta())
+    np.testing.assert_array_equal(read_matrix(info), second)  # the old header, the new file
+
+    bad = first.copy()
+    bad[2, 1] = np.nan
+    write_features(path, bad, coords, meta())
+    with pytest.raises(FeatureFileError, match=r"s\.h5: features contain NaN"):
+        read_matrix(inspect_features(path))
+
+    info = inspect_features(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: info.extent.offset + 10])
+    with pytest.raises(FeatureFileError, match=r"s\.h5"):
+        read_matrix(info)

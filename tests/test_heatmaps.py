@@ -7,6 +7,7 @@ tiles tie): the top tiles must be the right-most column, the bottom ones the lef
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -20,7 +21,15 @@ import openslide
 import pytest
 from PIL import Image
 
-from fedpath.client.heatmaps import HeatmapFiles, normalise_scores, write_heatmaps
+from fedpath.client.heatmaps import (
+    HeatmapFiles,
+    _colour_lut,
+    _overlay_tiles,
+    _png_bytes,
+    _tiles_geojson,
+    normalise_scores,
+    write_heatmaps,
+)
 
 CMU = Path(__file__).parent / "data" / "wsi" / "CMU-1-Small-Region.svs"
 CMU_SIZE = (2220, 2967)
@@ -400,3 +409,101 @@ def test_ten_thousand_tiles_make_a_geojson_without_the_slide(tmp_path: Path) -> 
     assert features[-1]["properties"]["measurements"]["attention_raw"] == pytest.approx(
         scores["attention"][-1]
     )
+
+
+def reference_geojson(coords: np.ndarray, tile: int, raw: dict[str, np.ndarray], lut: np.ndarray) -> str:
+    """The GeoJSON as json.dumps writes the nested dicts: what `_tiles_geojson` must equal, byte for byte."""
+    ranks = {name: normalise_scores(values) for name, values in raw.items()}
+    colours = lut[np.rint(np.clip(ranks[next(iter(raw))], 0.0, 1.0) * 255).astype(np.intp)].tolist()
+    features = []
+    for i, ((x, y), colour) in enumerate(zip(coords.tolist(), colours, strict=True)):
+        measurements = {}
+        for name in raw:
+            measurements[name] = float(ranks[name][i])
+            measurements[f"{name}_raw"] = float(raw[name][i])
+        ring = [[x, y], [x + tile, y], [x + tile, y + tile], [x, y + tile], [x, y]]
+        properties = {"objectType": "tile", "name": f"tile {i}", "color": colour, "isLocked": True}
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": properties | {"measurements": measurements},
+            }
+        )
+    return json.dumps({"type": "FeatureCollection", "features": features}, allow_nan=False)
+
+
+def test_geojson_text_is_what_json_dumps_writes(tmp_path: Path) -> None:
+    coords = np.array([[0, 0], [-5, 7], [10**12, 3], [224, 448], [3, 1]])
+    raw = {
+        'odd "name" 100% \\ ü': np.array([0.0, -1e-300, 1e20, 3.3, 2.5e-7]),
+        "attention": np.array([1 / 3, 2.0, -7.5, 1e16, 0.1]),
+    }
+    files = write_heatmaps(tmp_path, "s1", coords, TILE, raw)
+    assert files.geojson.read_text(encoding="utf-8") == reference_geojson(coords, TILE, raw, _colour_lut())
+    rng = np.random.default_rng(3)
+    coords = tile_grid(40, 30)
+    raw = {"attention": rng.lognormal(size=len(coords)), "g": rng.normal(size=len(coords))}
+    expected = reference_geojson(coords, TILE, raw, _colour_lut())
+    assert (
+        _tiles_geojson(coords, TILE, raw, {k: normalise_scores(v) for k, v in raw.items()}, _colour_lut())
+        == expected
+    )
+
+
+def reference_overlay(
+    thumb: np.ndarray, level0: tuple[int, int], coords: np.ndarray, tile: int, ranks: np.ndarray
+) -> np.ndarray:
+    """The overlay painted tile by tile: mean rank per pixel, blended and outlined in float32, rounded."""
+    lut = _colour_lut()
+    h, w = thumb.shape[:2]
+    sx, sy = w / level0[0], h / level0[1]
+    total, count = np.zeros((h, w)), np.zeros((h, w), dtype=int)
+    lines = np.zeros((h, w), dtype=bool)
+    for (x, y), rank in zip(coords.tolist(), ranks.tolist(), strict=True):
+        x0, y0 = round(x * sx), round(y * sy)
+        x1, y1 = max(round((x + tile) * sx), x0 + 1), max(round((y + tile) * sy), y0 + 1)
+        x0, x1, y0, y1 = min(max(x0, 0), w), min(max(x1, 0), w), min(max(y0, 0), h), min(max(y1, 0), h)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        total[y0:y1, x0:x1] += rank
+        count[y0:y1, x0:x1] += 1
+        right, bottom = min(x1, w - 1), min(y1, h - 1)
+        lines[[y0, bottom], x0 : right + 1] = True
+        lines[y0 : bottom + 1, [x0, right]] = True
+    mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+    out = thumb.astype(np.float32)
+    colour = lut[np.rint(mean * 255).astype(np.intp)].astype(np.float32)
+    out += ((count > 0) * np.float32(0.5))[..., None] * (colour - out)
+    if tile * min(sx, sy) >= 4:
+        out *= (1.0 - lines * np.float32(0.45))[..., None]
+    return np.rint(out).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("coords", "tile"),
+    [
+        (tile_grid(9, 13), TILE),  # the grid, a bare strip right and below
+        (tile_grid(9, 13)[::3], TILE),  # gaps between tiles, as where only tissue is tiled
+        (
+            np.random.default_rng(5).integers(-300, 3000, size=(60, 2)),
+            500,
+        ),  # overlapping, some past the slide
+        (tile_grid(80, 100) // 8, 28),  # tiles under 4 thumbnail pixels: no outlines
+        (np.array([[5000, 6000], [-900, 0]]), TILE),  # every tile past the slide: nothing drawn
+    ],
+)
+def test_overlay_is_the_tiles_painted_one_by_one(coords: np.ndarray, tile: int) -> None:
+    rng = np.random.default_rng(7)
+    thumb = rng.integers(0, 256, size=(180, 135, 3), dtype=np.uint8)
+    ranks = normalise_scores(rng.normal(size=len(coords)))
+    got = _overlay_tiles(thumb, CMU_SIZE, coords, tile, ranks, _colour_lut())
+    np.testing.assert_array_equal(got, reference_overlay(thumb, CMU_SIZE, coords, tile, ranks))
+
+
+def test_png_encoding_round_trips_exactly() -> None:
+    rgb = np.random.default_rng(2).integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    rgb[10:20] = 255
+    with Image.open(io.BytesIO(_png_bytes(rgb))) as image:
+        assert image.format == "PNG" and image.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(image), rgb)

@@ -10,16 +10,23 @@ import json
 import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import openslide
 import pytest
 import torch
 from PIL import Image
 
-from fedpath.client.predict import load_for_prediction, predict_slides, score_bag, slides_from_manifest
+from fedpath.client.predict import (
+    check_inputs,
+    load_for_prediction,
+    predict_slides,
+    score_bag,
+    slides_from_manifest,
+)
 from fedpath.client.site import IncompatibleSite, SiteData, check_compatible
 from fedpath.common.cli import main as fedpath_main
-from fedpath.common.features import inspect_features, provenance, read_features
+from fedpath.common.features import FeatureFileError, inspect_features, provenance, read_features
 from fedpath.common.mil import initial_model
 from fedpath.common.modelfile import Checkpoint, save_checkpoint
 from fedpath.common.runconfig import RunConfig
@@ -159,6 +166,26 @@ def test_a_patients_slides_are_pooled_as_in_training(tmp_path: Path) -> None:
     assert float(patients["P1"]["prob_tumour"]) == pytest.approx(float(expected[1]), abs=1e-6)
     slide_p2 = next(r for r in got if r["slide_id"] == "s2")
     assert patients["P2"]["prob_tumour"] == slide_p2["prob_tumour"]
+
+
+def test_slides_read_ahead_give_the_same_rows_and_a_broken_file_is_named(tmp_path: Path) -> None:
+    """With the headers checked first (as the command does), the next slide is read by a thread while the model
+    scores this one: the rows are those of reading in turn, and a file broken after the check is named."""
+    rows_ = []
+    for i in range(5):
+        path = write_feature_file(tmp_path / f"s{i}.h5", n_tiles=4 + i, dim=8, seed=i, slide_id=f"s{i}")
+        rows_.append([f"s{i}", f"P{i // 2}", "H1", "tumour", str(path)])
+    manifest = write_csv(tmp_path / "m.csv", ["slide_id", "patient_id", "site", "label", "features"], rows_)
+    loaded = load_for_prediction(model_file(tmp_path / "run" / "model.pt", 8, {"encoder": "test"}))
+    slides = slides_from_manifest(manifest)
+    infos, _ = check_inputs(loaded, slides, allow_mismatch=False)
+    assert all(info.extent is not None for info in infos.values())
+    assert predict_slides(loaded, slides, infos=infos) == predict_slides(loaded, slides)
+
+    with h5py.File(tmp_path / "s3.h5", "r+") as f:  # NaN written in place: same size, a new mtime
+        f["features"][1, 2] = np.nan
+    with pytest.raises(FeatureFileError, match=r"s3\.h5: features contain NaN"):
+        predict_slides(loaded, slides, infos=infos)
 
 
 def test_attention_x_gradient_is_zero_where_a_tile_speaks_against_the_class() -> None:
