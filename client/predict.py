@@ -24,7 +24,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from fedpath.common.atomic import write_text_atomic
-from fedpath.common.calibration import Calibration, prediction_sets
+from fedpath.common.calibration import Calibration, prediction_sets, refit_threshold
 from fedpath.common.features import (
     FeatureFileError,
     FeatureFileInfo,
@@ -383,6 +383,44 @@ def predict_slides(
         label = next(iter(labels)) if len(labels) == 1 else None
         rows.append(_row(models, _Row("patient", pid, "", counted, label), scored))
     return rows
+
+
+def recalibrate(
+    loaded: LoadedModel,
+    slides: Sequence[Slide],
+    *,
+    coverage: float | None = None,
+    infos: Mapping[str, FeatureFileInfo] | None = None,
+) -> LoadedModel:
+    """The model with its conformal threshold refitted on this hospital's labelled patients (`slides`, from a
+    manifest with labels), at the model's temperature: split conformal on patients like the ones it will be
+    applied to, which the federation's threshold, fitted at other hospitals, is not (`refit_threshold`).
+    Patients are scored as in `predict_slides` (a patient's slides in one bag)."""
+    if loaded.calibration is None:
+        raise PredictError(
+            f"{loaded.path} carries no calibration to refit (a DP run, or an older model): "
+            "it gives no prediction sets; leave out --recalibrate"
+        )
+    rows = [
+        r
+        for r in predict_slides(replace(loaded, calibration=None), slides, infos=infos)
+        if r["level"] == "patient"
+    ]
+    unlabelled = [r["patient_id"] for r in rows if r["label"] not in loaded.classes]
+    if unlabelled:
+        raise PredictError(
+            f"{len(unlabelled)} of {len(rows)} patients to recalibrate on have no label among the model's classes "
+            f"{loaded.classes} (first: '{unlabelled[0]}'); every patient needs one, the same on all their slides"
+        )
+    probs = np.array([[float(r[f"prob_{c}"]) for c in loaded.classes] for r in rows])
+    labels = np.array([loaded.classes.index(r["label"]) for r in rows])
+    try:
+        calibration = refit_threshold(
+            loaded.calibration, np.log(np.clip(probs, 1e-12, 1.0)), labels, coverage
+        )
+    except ValueError as err:
+        raise PredictError(str(err)) from err
+    return replace(loaded, calibration=calibration)
 
 
 def write_outputs(out: Path, rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> tuple[Path, Path]:

@@ -25,7 +25,13 @@ DESCRIPTION = (
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(
-        slides=None, manifest=None, features=None, allow_encoder_mismatch=False, heatmaps=False, coverage=None
+        slides=None,
+        manifest=None,
+        features=None,
+        allow_encoder_mismatch=False,
+        heatmaps=False,
+        coverage=None,
+        recalibrate=None,
     )
     hide = argparse.SUPPRESS
     p.add_argument(
@@ -52,6 +58,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--top-k", type=int, default=8, help="tiles in each of the top and bottom galleries")
     p.add_argument("--coverage", type=float, help="of the prediction sets (default: the model's, 0.9)")
+    p.add_argument(
+        "--recalibrate",
+        type=Path,
+        metavar="MANIFEST",
+        help="labelled patients of this site (other than those predicted): the prediction sets' threshold is "
+        "refitted on them, so that their coverage holds here (at least 9 patients for 90 %%)",
+    )
     p.add_argument(
         "--allow-encoder-mismatch",
         action="store_true",
@@ -99,6 +112,19 @@ def _run(args: argparse.Namespace) -> int:
             for slide, found in found_by_slide.items():
                 mismatches.setdefault(slide, []).extend(
                     f for f in found if f not in mismatches.get(slide, [])
+                )
+        if args.recalibrate is not None:
+            local = pr.slides_from_manifest(args.recalibrate)
+            for model in models:
+                local_infos, _ = pr.check_inputs(model, local, allow_mismatch=args.allow_encoder_mismatch)
+            models = [pr.recalibrate(m, local, coverage=args.coverage, infos=local_infos) for m in models]
+            loaded = models[0]
+            both = {s.patient_id for s in local} & {s.patient_id for s in slides}
+            if both:
+                print(
+                    f"WARNING: {len(both)} patients are both predicted and recalibrated on: their prediction "
+                    "sets cover them by construction; recalibrate on other patients of this site",
+                    file=sys.stderr,
                 )
     except (pr.PredictError, ManifestError) as err:
         raise UserError(str(err)) from err
@@ -164,6 +190,7 @@ def _run(args: argparse.Namespace) -> int:
         "encoder_mismatches": mismatches,
         "heatmaps": drawn,
         "calibration": [_calibration_summary(m, args.coverage) for m in models],
+        "recalibrated_on": None if args.recalibrate is None else str(args.recalibrate.resolve()),
     }
     csv_path, json_path = pr.write_outputs(args.out, rows, summary)
     patients = [r for r in rows if r["level"] == "patient"]
@@ -181,9 +208,14 @@ def _run(args: argparse.Namespace) -> int:
     if all(m.calibration is not None for m in models):
         abstained = sum(1 for r in patients if r["abstain"] == "true")
         temperatures = ", ".join(f"{m.calibration.temperature:.3g}" for m in models if m.calibration)
+        where = (
+            "fitted at the training sites"
+            if args.recalibrate is None
+            else f"refitted on {loaded.calibration.patients} labelled patients of this site"  # type: ignore[union-attr]
+        )
         print(
             f"calibrated: temperature {temperatures}; prediction sets at "
-            f"{100 * (args.coverage or loaded.calibration.coverage):.0f} % coverage; "  # type: ignore[union-attr]
+            f"{100 * (args.coverage or loaded.calibration.coverage):.0f} % coverage, {where}; "  # type: ignore[union-attr]
             f"abstained on {abstained} of {len(patients)} patients"
         )
     else:

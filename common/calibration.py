@@ -11,13 +11,15 @@ of larger sets (finite-sample coverage ≥ 1 − α on exchangeable patients, as
 At prediction time: probabilities softmax(z / T); the prediction set holds every class c with 1 − p_c ≤ q̂; a
 set of other than one class means "abstain" (empty: nothing is likely enough; several: the model cannot
 choose). Coverage at a hospital the model never saw is not guaranteed (its patients are not exchangeable with
-the sites'), which is why the comparison report measures it there.
+the sites'), which is why the comparison report measures it there. What restores it is the same split-conformal
+step on that hospital's own labelled patients (`refit_threshold`, ``fedpath predict --recalibrate``): the
+threshold is then fitted on patients exchangeable with the ones it is applied to, at the model's temperature.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -123,6 +125,56 @@ def combine(
         nll_before=float(nll[one] / n),
         nll_after=float(nll[best] / n),
         sites=sorted(s[0] for s in stats),
+    )
+
+
+def minimum_patients(coverage: float) -> int:
+    """The fewest calibration patients for which split conformal at `coverage` can give a threshold below 1:
+    ⌈(n + 1)·coverage⌉ ≤ n (9 for 90 %, 19 for 95 %)."""
+    if not 0 < coverage < 1:
+        raise ValueError(f"coverage must be between 0 and 1, got {coverage}")
+    n = 1
+    while math.ceil((n + 1) * coverage) > n:
+        n += 1
+    return n
+
+
+def split_threshold(scores: np.ndarray, coverage: float) -> float:
+    """Split conformal on exact nonconformity scores: the ⌈(n + 1)·coverage⌉-th smallest. Raises ValueError,
+    saying how many it takes, when there are fewer than `minimum_patients(coverage)`."""
+    need = minimum_patients(coverage)
+    if len(scores) < need:
+        raise ValueError(
+            f"{len(scores)} labelled patients cannot calibrate {100 * coverage:g} % prediction sets: "
+            f"it takes at least {need}"
+        )
+    return float(np.sort(np.asarray(scores, dtype=np.float64))[math.ceil((len(scores) + 1) * coverage) - 1])
+
+
+def refit_threshold(
+    calibration: Calibration,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    coverage: float | None = None,
+    source: str = "local",
+) -> Calibration:
+    """`calibration` with its conformal threshold fitted on other labelled patients (one hospital's): the
+    ⌈(n + 1)·coverage⌉-th smallest of their scores 1 − p_T(true class) at the calibration's temperature, at
+    `coverage` (default the calibration's). The sets then cover patients exchangeable with these at that
+    coverage. The scores are used exactly, not binned: they stay at the hospital, and the sites' bins are coarse
+    near 1, where a shifted hospital's scores lie. (The binned histogram is kept for other coverages.) Raises
+    ValueError when there are fewer than `minimum_patients(coverage)`."""
+    coverage = coverage or calibration.coverage
+    labels = np.asarray(labels, dtype=np.int64)
+    scores = 1.0 - calibrated_probs(logits, calibration.temperature)[np.arange(len(labels)), labels]
+    threshold = split_threshold(scores, coverage)
+    return replace(
+        calibration,
+        coverage=coverage,
+        threshold=threshold,
+        patients=len(labels),
+        histogram=[int(x) for x in np.bincount(score_bins(scores), minlength=BINS)],
+        sites=[source],
     )
 
 

@@ -4,6 +4,7 @@ synthetic hospital the model never saw; and `fedpath predict` applying what the 
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from fedpath.client.predict import load_for_prediction, predict_slides, score_bag, slides_from_manifest
-from fedpath.client.training import TrainConfig, predict, train_epochs
+from fedpath.client.training import Predictions, TrainConfig, predict, train_epochs
 from fedpath.common.bags import bags_from_manifest
 from fedpath.common.calibration import (
     BINS,
@@ -23,6 +24,7 @@ from fedpath.common.calibration import (
     combine,
     conformal_threshold,
     prediction_sets,
+    refit_threshold,
     score_bins,
     site_statistics,
 )
@@ -87,7 +89,19 @@ def test_conformal_threshold_errs_towards_coverage_by_at_most_one_bin() -> None:
 def test_coverage_at_a_synthetic_hospital_no_site_saw_is_within_5_points(tmp_path: Path) -> None:
     """Train on three sites, calibrate from their validation patients through the sites' aggregates only,
     predict the fourth site's patients: the 90 % prediction sets cover 85-95 % of them."""
-    manifest = make_cohort(tmp_path / "cohort", sites=4, slides=1200, shift=0.0, seed=5)
+    cal, test = calibrated_at_three_sites(
+        make_cohort(tmp_path / "cohort", sites=4, slides=1200, shift=0.0, seed=5)
+    )
+    assert cal.patients >= 300
+    probs = calibrated_probs(np.log(np.clip(test.probs, 1e-12, 1)), cal.temperature)
+    covered = [int(y) in s for y, s in zip(test.labels, prediction_sets(probs, cal.threshold), strict=True)]
+    assert len(covered) >= 200
+    assert abs(float(np.mean(covered)) - 0.9) <= 0.05, (np.mean(covered), cal)
+
+
+def calibrated_at_three_sites(manifest: Path) -> tuple[Calibration, Predictions]:
+    """A model trained on the first three sites' training patients, the calibration those sites agree on from
+    their validation patients (through aggregates only), and the model's predictions at the fourth site."""
     m = load_manifest(manifest)
     held_out = m.sites[-1]
     splits = split_patients(m, val=0.5, test=0.0, seed=0)
@@ -100,14 +114,10 @@ def test_coverage_at_a_synthetic_hospital_no_site_saw_is_within_5_points(tmp_pat
         scored = predict(model, bags_from_manifest(m.for_patients(splits[site].val)))
         stats.append((site, *site_statistics(np.log(np.clip(scored.probs, 1e-12, 1)), scored.labels)))
     cal = combine(stats, 0.9)
-    assert cal is not None and cal.patients >= 300
-    test = predict(
+    assert cal is not None
+    return cal, predict(
         model, bags_from_manifest(m.for_patients({s.patient_id for s in m.slides if s.site == held_out}))
     )
-    probs = calibrated_probs(np.log(np.clip(test.probs, 1e-12, 1)), cal.temperature)
-    covered = [int(y) in s for y, s in zip(test.labels, prediction_sets(probs, cal.threshold), strict=True)]
-    assert len(covered) >= 200
-    assert abs(float(np.mean(covered)) - 0.9) <= 0.05, (np.mean(covered), cal)
 
 
 def bags_in_dim(manifest: Path) -> int:
@@ -192,3 +202,92 @@ def test_an_ensemble_gives_the_mean_its_spread_and_the_union_of_sets(tmp_path: P
     save_checkpoint(file, Checkpoint(1, model.state_dict(), other.model_dump(), {}, 1, {}, {}))
     with pytest.raises(PredictError, match="classes"):
         check_ensemble([members[0], load_for_prediction(file)])
+
+
+def test_at_a_shifted_hospital_recalibrating_on_its_own_patients_restores_coverage(tmp_path: Path) -> None:
+    """The sites' threshold is fitted on patients unlike a shifted hospital's and need not cover there; refitted
+    on half of that hospital's labelled patients (`refit_threshold`, what `predict --recalibrate` does), the
+    90 % sets cover the other half within 5 points, on average over random halves as split conformal
+    promises."""
+    cal, test = calibrated_at_three_sites(
+        make_cohort(tmp_path / "cohort", sites=4, slides=800, shift=3.0, seed=7)
+    )
+    logits = np.log(np.clip(test.probs, 1e-12, 1))
+    n = len(test.labels)
+    assert n >= 150
+
+    def coverage(threshold: float, rows: np.ndarray) -> float:
+        probs = calibrated_probs(logits[rows], cal.temperature)
+        sets = prediction_sets(probs, threshold)
+        return float(np.mean([int(y) in s for y, s in zip(test.labels[rows], sets, strict=True)]))
+
+    sites_threshold = coverage(cal.threshold, np.arange(n))
+    rng = np.random.default_rng(0)
+    refitted = []
+    for _ in range(20):
+        order = rng.permutation(n)
+        half, rest = order[: n // 2], order[n // 2 :]
+        local = refit_threshold(cal, logits[half], test.labels[half])
+        assert local.temperature == cal.temperature and local.patients == n // 2 and local.sites == ["local"]
+        refitted.append(coverage(local.threshold, rest))
+    assert abs(float(np.mean(refitted)) - 0.9) <= 0.05, (np.mean(refitted), sites_threshold)
+    # the premise: the sites' own threshold misses the target here by more than the refitted one does
+    assert abs(sites_threshold - 0.9) > abs(float(np.mean(refitted)) - 0.9), (sites_threshold, refitted)
+
+
+def test_predict_recalibrate_refits_on_the_sites_labelled_patients_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from fedpath.common.cli import main as fedpath_main
+    from tests.helpers import write_csv, write_feature_file
+
+    header = ["slide_id", "patient_id", "site", "label", "features"]
+    rows = []
+    for i in range(30):
+        path = write_feature_file(tmp_path / f"s{i}.h5", n_tiles=5, dim=8, seed=i, slide_id=f"s{i}")
+        rows.append([f"s{i}", f"P{i}", "H9", "b" if i % 3 else "a", str(path)])
+    local = write_csv(tmp_path / "local.csv", header, rows[:20])
+    new = write_csv(tmp_path / "new.csv", header, rows[20:])
+    run = RunConfig(in_dim=8, num_classes=2, classes="a,b")
+    model = initial_model(run.model, in_dim=8, num_classes=2, seed=1)
+    hist = np.zeros(BINS, dtype=int)
+    hist[3] = 60  # the sites' scores all tiny: a threshold that covers almost nobody here
+    cal = Calibration(1.0, 0.9, conformal_threshold(hist, 0.9), 60, hist.tolist(), 0.7, 0.7, ["H1", "H2"])
+    file = tmp_path / "run" / "model.pt"
+    file.parent.mkdir()
+    save_checkpoint(file, Checkpoint(3, model.state_dict(), run.model_dump(), {}, 3, {}, cal.to_dict()))
+
+    base = ["predict", "--model", str(file), "--manifest", str(new)]
+    assert fedpath_main([*base, "--out", str(tmp_path / "fed")]) == 0
+    assert fedpath_main([*base, "--out", str(tmp_path / "out"), "--recalibrate", str(local)]) == 0
+    printed = capsys.readouterr().out
+    assert "refitted on 20 labelled patients of this site" in printed
+    summary = json.loads((tmp_path / "out" / "predict.json").read_text())
+    loaded = load_for_prediction(file)
+    scored = [r for r in predict_slides(loaded, slides_from_manifest(local)) if r["level"] == "patient"]
+    labels = np.array([("a", "b").index(r["label"]) for r in scored])
+    probs = np.array([[float(r["prob_a"]), float(r["prob_b"])] for r in scored])
+    expected = refit_threshold(cal, np.log(probs), labels).threshold
+    assert summary["calibration"][0]["threshold"] == pytest.approx(expected)
+    assert summary["calibration"][0]["calibration_sites"] == ["local"]
+    assert summary["recalibrated_on"].endswith("local.csv")
+    assert expected > cal.threshold  # the site's scores are larger than the sites' were
+    with (tmp_path / "fed" / "predictions.csv").open() as f:
+        fed_sets = [r["prediction_set"] for r in csv.DictReader(f)]
+    with (tmp_path / "out" / "predictions.csv").open() as f:
+        local_sets = [r["prediction_set"] for r in csv.DictReader(f)]
+    assert sum(map(bool, local_sets)) > sum(map(bool, fed_sets))  # fewer empty sets than before
+
+    few = write_csv(tmp_path / "few.csv", header, rows[:8])
+    assert fedpath_main([*base, "--out", str(tmp_path / "x"), "--recalibrate", str(few)]) == 2
+    assert (
+        "8 labelled patients cannot calibrate 90 % prediction sets: it takes at least 9"
+        in capsys.readouterr().err
+    )
+    unlabelled = write_csv(tmp_path / "nolabel.csv", header, [[*r[:3], "", r[4]] for r in rows[:12]])
+    assert fedpath_main([*base, "--out", str(tmp_path / "y"), "--recalibrate", str(unlabelled)]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert fedpath_main([*base, "--out", str(tmp_path / "z"), "--recalibrate", str(new)]) == 0
+    assert "10 patients are both predicted and recalibrated on" in capsys.readouterr().err

@@ -739,9 +739,38 @@ def test_calibration_table_counts_coverage_abstention_and_accuracy(tmp_path: Pat
     hot = [CalibrationRow("loso", "pooled", "site-A", 0, 3.0, 0.55, 0.9, "x")]
     softened = analyse(rows, calibration=hot, n_boot=N_BOOT).calibration[("loso", "pooled", "site-A")]
     assert softened.ece_after != pytest.approx(softened.ece_before)
+    assert "| — |" in report  # two patients per half: too few to refit at 90 %
     bad = tmp_path / "bad.csv"
     bad.write_text(
         "protocol,method,test_site,seed,temperature,threshold,coverage,source\nloso,pooled,site-A,0,-1,0.5,0.9,x\n"
     )
     with pytest.raises(ReportError, match="line 2"):
         load_calibration(bad)
+
+
+def test_the_calibration_table_shows_sets_refitted_on_half_of_the_test_site(tmp_path: Path) -> None:
+    """A threshold fitted elsewhere that covers few of a site's patients; refitted on random halves of the site's
+    own patients (as `predict --recalibrate` would), the other halves are covered at about the target."""
+    from fedpath.simulation.report import CalibrationRow, write_calibration
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 60)
+    scores = np.clip(0.5 + 0.25 * (2 * labels - 1) + rng.normal(0, 0.3, 60), 0.01, 0.99)
+    rows = [
+        PredictionRow("loso", "pooled", "site-A", 0, f"p{i}", int(y), (1 - q, q), None)
+        for i, (y, q) in enumerate(zip(labels, scores, strict=True))
+    ]
+    calibration = [CalibrationRow("loso", "pooled", "site-A", 0, 1.0, 0.05, 0.9, "fitted elsewhere")]
+    result = analyse(rows, calibration=calibration, n_boot=N_BOOT).calibration[("loso", "pooled", "site-A")]
+    assert result.coverage < 0.5  # the sets of the threshold fitted elsewhere: mostly empty
+    assert result.local_patients == 30
+    assert 0.85 <= result.local_coverage <= 0.97, result.local_coverage
+    assert 0 <= result.local_abstained <= 1
+    write_calibration(tmp_path / "calibration.csv", calibration)
+    write_predictions(tmp_path / "predictions.csv", rows)
+    report = write_report(tmp_path, n_boot=N_BOOT).markdown.read_text()
+    assert (
+        f"{100 * result.local_coverage:.0f} %, abstained {100 * result.local_abstained:.0f} % (30 patients)"
+        in report
+    )
+    assert "Refitted on half of each such hospital's own labelled patients" in report

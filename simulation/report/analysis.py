@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedpath.common.calibration import calibrated_probs, prediction_sets
+from fedpath.common.calibration import calibrated_probs, minimum_patients, prediction_sets, split_threshold
 from fedpath.common.metrics import (
     Estimate,
     aggregate_by_patient,
@@ -538,7 +538,10 @@ def results_csv(analysis: Analysis) -> str:
 class CalibrationResult:
     """What a model's calibration does at one test site, means over seeds: top-label ECE of its own and of its
     temperature-scaled probabilities; the share of patients whose conformal prediction set holds their class
-    (against `target`), the share it abstains on (a set of other than one class), and accuracy on the rest."""
+    (against `target`), the share it abstains on (a set of other than one class), and accuracy on the rest.
+    `local_*`: the same sets with the threshold refitted on a random half of the site's own patients
+    (`local_patients`, what ``fedpath predict --recalibrate`` does), measured on the other half, means over
+    `LOCAL_SPLITS` halves; NaN when half the site is too few for the target."""
 
     protocol: str
     method: str
@@ -553,6 +556,33 @@ class CalibrationResult:
     patients: int
     seeds: int
     source: str
+    local_coverage: float = math.nan
+    local_abstained: float = math.nan
+    local_patients: int = 0
+
+
+LOCAL_SPLITS = 50
+
+
+def _recalibrated_locally(
+    labels: np.ndarray, probs: np.ndarray, target: float, seed: int
+) -> tuple[float, float, int]:
+    """(coverage, abstention rate, calibration patients) of conformal sets refitted on a random half of these
+    patients and applied to the other half, means over LOCAL_SPLITS halves; NaNs when half is too few."""
+    n = len(labels)
+    half = n // 2
+    if half < minimum_patients(target):
+        return math.nan, math.nan, half
+    scores = 1.0 - probs[np.arange(n), labels.astype(int)]
+    rng = np.random.default_rng(seed)
+    covered, abstained = [], []
+    for _ in range(LOCAL_SPLITS):
+        order = rng.permutation(n)
+        fit, rest = order[:half], order[half:]
+        sets = prediction_sets(probs[rest], split_threshold(scores[fit], target))
+        covered.append(np.mean([int(y) in s for y, s in zip(labels[rest], sets, strict=True)]))
+        abstained.append(np.mean([len(s) != 1 for s in sets]))
+    return float(np.mean(covered)), float(np.mean(abstained)), half
 
 
 def calibration_at_sites(
@@ -582,6 +612,10 @@ def calibration_at_sites(
                 float(np.mean([sets[i][0] == int(e.labels[i]) for i in kept])) if kept else math.nan
             )
             numbers["temperature"].append(row.temperature)
+            local = _recalibrated_locally(e.labels, probs, row.coverage, seed=len(numbers["temperature"]))
+            numbers["local_coverage"].append(local[0])
+            numbers["local_abstained"].append(local[1])
+            numbers["local_patients"].append(local[2])
         first = pairs[0][1]
         out[key] = CalibrationResult(
             protocol=key[0],
@@ -597,5 +631,8 @@ def calibration_at_sites(
             patients=len({p for e, _ in pairs for p in e.patient_ids}),
             seeds=len(pairs),
             source=first.source,
+            local_coverage=nanmean(numbers["local_coverage"]),
+            local_abstained=nanmean(numbers["local_abstained"]),
+            local_patients=int(min(numbers["local_patients"])),
         )
     return out

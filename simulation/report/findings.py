@@ -239,11 +239,20 @@ def _coverage_warnings(analysis: Analysis, lead: Summary | None) -> list[str]:
     if coverage >= target - 0.05:
         return []
     worst = min(rows, key=lambda c: c.coverage)
+    local = [c for c in rows if math.isfinite(c.local_coverage)]
+    refitted = (
+        ""
+        if not local
+        else " Refitted on half of each such hospital's own labelled patients (fedpath predict --recalibrate), "
+        f"they held it for {100 * sum(c.local_coverage for c in local) / len(local):.0f} % of the other half, "
+        f"abstaining on {100 * sum(c.local_abstained for c in local) / len(local):.0f} %."
+    )
     return [
         f"⚠ At hospitals it never saw, {lead.method}'s {100 * target:.0f} % prediction sets held the right class "
         f"for only {100 * coverage:.0f} % of patients on average ({100 * worst.coverage:.0f} % at "
         f"{worst.test_site}): its calibration and abstention, fitted on its training hospitals' validation "
         "patients, do not carry to a new hospital here; check them on local patients before relying on them."
+        + refitted
     ]
 
 

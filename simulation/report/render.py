@@ -29,6 +29,7 @@ from fedpath.simulation.verdicts import (
 if TYPE_CHECKING:
     pass
 from fedpath.simulation.report.analysis import (
+    LOCAL_SPLITS,
     Analysis,
     Summary,
     analyse,
@@ -378,6 +379,10 @@ def _calibration_section(analysis: Analysis) -> list[Block]:
                 f"{100 * c.coverage:.0f} % ({100 * miss:+.0f})",
                 f"{100 * c.abstained:.0f} %",
                 _number(c.accuracy_kept),
+                "—"
+                if math.isnan(c.local_coverage)
+                else f"{100 * c.local_coverage:.0f} %, abstained {100 * c.local_abstained:.0f} % "
+                f"({c.local_patients} patients)",
                 f"{c.temperature:.2g}",
                 f"{c.patients} × {c.seeds}",
             )
@@ -391,7 +396,10 @@ def _calibration_section(analysis: Analysis) -> list[Block]:
             f"the same way). A prediction set holds every class likely enough for {100 * target:.0f} % "
             "coverage; the model abstains when the set is not a single class. Coverage is only guaranteed for "
             "patients like the validation patients: at a hospital the model never saw (LOSO), this table "
-            "measures it."
+            "measures it. 'Refitted at the site': the threshold fitted instead on a random half of the test "
+            "site's own labelled patients (what fedpath predict --recalibrate does at a hospital), the coverage "
+            f"measured on the other half, averaged over {LOCAL_SPLITS} halves; '—' where half the site is "
+            "too few patients for the target."
         ),
         Table(
             (
@@ -402,6 +410,7 @@ def _calibration_section(analysis: Analysis) -> list[Block]:
                 "Coverage (vs target)",
                 "Abstained",
                 "Accuracy when not abstaining",
+                "Refitted at the site",
                 "Temperature",
                 "Patients × seeds",
             ),
