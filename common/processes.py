@@ -56,7 +56,14 @@ def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[s
     # Ray gives a starting worker 60 s to register; a ClientApp actor imports torch first, and on a busy machine
     # (seen: three test workers on two cores) that can take longer, which fails the whole simulated run
     env.setdefault("RAY_worker_register_timeout_seconds", "300")
+    # The SuperExec that a SuperLink or SuperNode starts asks for work to launch (a ServerApp, a simulation, a
+    # ClientApp) once a second by default: a launch waits half a second on average, every round at a deployed
+    # site and every simulated federation. Five times a second, against the local process only.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(SUPEREXEC_POLL_S))
     return env
+
+
+SUPEREXEC_POLL_S = 0.2
 
 
 MARKER = "FEDPATH_FLOWER_PROCESS"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpath.common.processes import FlowerProcess, _marked_pids, start_process
+from fedpath.common.processes import SUPEREXEC_POLL_S, FlowerProcess, _marked_pids, start_process
 from fedpath.server import flower_runtime as fr
 from tests.federation_helpers import make_cohort, wait_for
 
@@ -22,16 +22,29 @@ SERVER = [FEDPATH, "server", "start", "--insecure"]
 SITE = [FEDPATH, "site", "start", "--insecure", "--allow-unsigned-apps"]
 
 
-def _names(process: FlowerProcess) -> set[str]:
-    """Command names of the live processes in the tree of `process`."""
-    names = set()
+def _commands(process: FlowerProcess) -> dict[int, set[str]]:
+    """Command names (the first three words of the command line) of the live processes in the tree of `process`."""
+    out = {}
     for pid in _marked_pids(process.marker):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        names |= {Path(a.decode(errors="replace")).name for a in argv[:3] if a}
-    return names
+        out[pid] = {Path(a.decode(errors="replace")).name for a in argv[:3] if a}
+    return out
+
+
+def _names(process: FlowerProcess) -> set[str]:
+    return set().union(*_commands(process).values())
+
+
+def _pids_named(process: FlowerProcess, name: str) -> list[int]:
+    return [pid for pid, names in _commands(process).items() if name in names]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode(errors="replace").split("=", 1) for e in entries if b"=" in e)
 
 
 def _terminate_and_check(process: FlowerProcess, expected_code: int = 143) -> None:
@@ -95,6 +108,12 @@ def test_sigterm_to_server_and_site_start_stops_every_flower_process(tmp_path: P
         )
         wait_for(lambda: {"flower-supernode", "flower-superexec"} <= _names(site), 120, "the node", poll=1)
         assert {"flower-superlink"} <= _names(server) and "fedpath.server.gateway" in _names(server)
+        # the site's SuperExec launches a ClientApp every round: it asks for work at fedpath's interval
+        polls = {
+            _environ(pid).get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL")
+            for pid in _pids_named(site, "flower-superexec")
+        }
+        assert polls == {str(SUPEREXEC_POLL_S)}, polls
         _terminate_and_check(site)
         _terminate_and_check(server)
     finally:
