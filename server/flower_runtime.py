@@ -366,6 +366,10 @@ def describe_round(line: dict[str, Any], total: int) -> str:
     return text + (f" ({', '.join(bad)})" if bad else "")
 
 
+CARD_WRITTEN = "card-written"
+"""What `follow_run(until_card=True)` returns when the run wrote its model card: done, its teardown going on."""
+
+
 def follow_run(
     run_id: int,
     flwr_home: Path,
@@ -376,8 +380,11 @@ def follow_run(
     started_at: float,
     connection: str = CONNECTION,
     timeout: float = 24 * 3600,
+    until_card: bool = False,
 ) -> str:
-    """Print each round as its line appears in the run folder's round log; return the run's final status.
+    """Print each round as its line appears in the run folder's round log; return the run's final status, or
+    with `until_card` CARD_WRITTEN as soon as the ServerApp has written the model card (the last thing it
+    writes), without waiting for Flower's teardown of the run (its final status is then the caller's to ask).
 
     The round log is only visible where the ServerApp writes it (the SuperLink's machine); elsewhere only the
     status is followed. `flwr ls` runs in this process (`flwr_cli`, one Control API request): it is asked every
@@ -388,11 +395,15 @@ def follow_run(
     last_check = time.monotonic()
     status = "running"
     while time.monotonic() < deadline:
-        lines = folder.read_rounds()
+        finishing = all(
+            f.exists() and f.stat().st_mtime >= started_at for f in (folder.card_json, folder.card_md)
+        )
+        lines = folder.read_rounds()  # after the card check: a card seen means every round line is there
         for line in lines[seen:]:
             say(describe_round(line, total_rounds))
         seen = max(seen, len(lines))
-        finishing = folder.card_json.exists() and folder.card_json.stat().st_mtime >= started_at
+        if finishing and until_card:
+            return CARD_WRITTEN
         if finishing or time.monotonic() - last_check > 5:
             status, last_check = run_status(run_id, flwr_home, connection=connection), time.monotonic()
             if status.startswith("finished"):

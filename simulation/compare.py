@@ -938,6 +938,10 @@ def run_comparison(
             manifest, out, config, todo, engine, labels, durations, failed, overheads, cells_done, cells_total,
             say,
         )  # fmt: skip
+        if engine is not None:  # a federation is done at its model card; Flower's end of each is checked here
+            for problem in engine.settle():
+                failed.append(problem)
+                say(f"  FAILED: {problem}")
     if overheads and engine is not None:
         overheads[0] += engine.start_seconds  # the engine started for the first federation
     say("\nreport: collecting finished cells")

@@ -185,7 +185,8 @@ def run_and_report(
             print(f"  {line}")
     if outcome.failed:
         print(
-            f"{len(outcome.failed)} job(s) failed (their cells are missing from the report):", file=sys.stderr
+            f"{len(outcome.failed)} job(s) failed (their cells are missing from the report unless said):",
+            file=sys.stderr,
         )
         for line in outcome.failed:
             print(f"  {line}", file=sys.stderr)

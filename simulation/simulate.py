@@ -65,7 +65,10 @@ class SimulationEngine:
     head node that every run's simulation process attaches to, so a run after the first pays neither start.
 
     Each run is still a separate Flower run (`flwr run`): its own ServerApp process, ClientApp actors and
-    run config, exactly as with a private engine. With ``RAY_ADDRESS`` set (the user's own Ray cluster, as
+    run config, exactly as with a private engine. A run is done for `simulate` once its ServerApp has written
+    the model card; Flower's teardown of it (about 2.5 s) then goes on while the next run starts, and
+    `settle` collects its final status and full log (`problems` lists a run that did not end as completed).
+    With ``RAY_ADDRESS`` set (the user's own Ray cluster, as
     Ray documents it, or the test suite's), runs attach to that cluster and no head is started. Use it as a
     context manager (fedpath's commands turn SIGTERM into an exception, so leaving it stops the engine).
     """
@@ -79,6 +82,39 @@ class SimulationEngine:
         self.runs = 0
         self.start_seconds = 0.0  # how long the last start took (SuperLink and Ray head)
         self._ray_temp: Path | None = None
+        self.pending: list[tuple[int, Path]] = []  # (run id, its server.log): runs still in Flower's teardown
+        self.problems: list[str] = []  # runs that did not end as completed after their model card
+
+    def settle(self, *, wait: bool = True, timeout: float = 300.0) -> list[str]:
+        """Collect the runs that `simulate` returned at their model card: each one's final status and its full
+        log (into its server.log), once Flower has ended it; `wait`: until every one has (else only those
+        ended already). Returns, and keeps in `problems`, a line for each run that did not end as completed:
+        its model and card were written, so it is said, not hidden."""
+        deadline = time.monotonic() + timeout
+        while self.pending:
+            still = []
+            for run_id, log_path in self.pending:
+                status = fr.run_status(run_id, self.home)
+                if not status.startswith("finished"):
+                    still.append((run_id, log_path))
+                    continue
+                log_path.write_text(fr.run_logs(run_id, self.home))
+                if status != "finished:completed":
+                    self.problems.append(
+                        f"run {run_id} ended as '{status}' after writing its model and card (those are "
+                        f"complete; its cells stand); see {log_path}"
+                    )
+            self.pending = still
+            if not wait or not still:
+                break
+            if time.monotonic() > deadline:
+                self.problems += [
+                    f"run {r} had not ended {timeout:.0f} s after its model card" for r, _ in still
+                ]
+                self.pending = []
+                break
+            time.sleep(0.5)
+        return self.problems
 
     def start(self) -> SimulationEngine:
         if self.link is not None:
@@ -101,8 +137,11 @@ class SimulationEngine:
         return self
 
     def stop(self) -> None:
-        """Stop the SuperLink and the Ray head with every process they started."""
+        """Stop the SuperLink and the Ray head with every process they started (after the runs that
+        `simulate` returned have ended: `settle`)."""
         if self.link is not None:
+            if self.pending and self.link.process.poll() is None:
+                self.settle(timeout=60.0)
             self.link.stop()
         if self.ray is not None:
             agents = fr.ray_agents(self.ray)
@@ -133,11 +172,13 @@ def simulate(
     clientapp: str = fr.CLIENTAPP,
     timeout: float = 24 * 3600,
     progress: Callable[[str], None] | None = print,
+    _wait_for_teardown: bool = False,
 ) -> SimulationResult:
     """Run the federation `run` on the simulation engine with `sites` simulated nodes; wait for it.
 
-    `engine` is a started `SimulationEngine` shared with other runs; without one, a private engine is
-    started in the run folder and stopped afterwards. `clientapp`/`extra_files` replace the ClientApp (tests
+    `engine` is a started `SimulationEngine` shared with other runs (the run is done once its model card is
+    written: see `SimulationEngine.settle`); without one, a private engine is started in the run folder and
+    stopped afterwards. `clientapp`/`extra_files` replace the ClientApp (tests
     use this for a misbehaving site). Raises `SimulationError` when the run fails, and when no round
     aggregated a training update (the message names each site's reply codes, as the model card does).
     """
@@ -148,6 +189,7 @@ def simulate(
                 result = simulate(
                     run, sites=sites, cpus_per_site=cpus_per_site, engine=own, app_dir=app_dir,
                     extra_files=extra_files, clientapp=clientapp, timeout=timeout, progress=progress,
+                    _wait_for_teardown=True,
                 )  # fmt: skip
         except fr.FlowerRuntimeError as err:
             raise SimulationError(str(err)) from err
@@ -172,17 +214,26 @@ def simulate(
     except fr.FlowerRuntimeError as err:
         raise SimulationError(str(err)) from err
     engine.runs += 1
+    engine.settle(wait=False)  # earlier runs whose teardown ended meanwhile
     say(
         f"simulation: run {run_id} on a local SuperLink ({engine.link.address}), {sites} sites; "
         f"logs in {flwr_home}"
     )
     status = fr.follow_run(
-        run_id, flwr_home, folder, run.num_server_rounds, say, started_at=started_at, timeout=timeout
-    )
-    log_path = run_dir / "server.log"
-    log_path.write_text(fr.run_logs(run_id, flwr_home))
-    seconds = time.perf_counter() - t0
+        run_id, flwr_home, folder, run.num_server_rounds, say, started_at=started_at, timeout=timeout,
+        until_card=not _wait_for_teardown,
+    )  # fmt: skip
     untrained = folder.no_training(since=started_at)
+    if status == fr.CARD_WRITTEN and untrained:  # it fails: its end and whole log come with the error
+        status = fr.follow_run(
+            run_id, flwr_home, folder, run.num_server_rounds, say, started_at=started_at, timeout=timeout
+        )
+    log_path = run_dir / "server.log"
+    log_path.write_text(fr.run_logs(run_id, flwr_home))  # with the run still ending: `settle` rewrites it
+    if status == fr.CARD_WRITTEN:
+        engine.pending.append((run_id, log_path))
+        status = "finished:completed"  # as far as its outputs go; Flower's final word is `settle`'s
+    seconds = time.perf_counter() - t0
     if untrained:
         raise SimulationError(f"run {run_id}: {untrained}; see {folder.card_md} and {log_path}")
     if status != "finished:completed":

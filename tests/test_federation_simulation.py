@@ -109,6 +109,10 @@ def test_resumed_run_equals_uninterrupted_run(
         assert RunFolder(run_dir).checkpoint_rounds() == [1]
         simulate(resumed, sites=3, engine=engine, progress=None)
         assert engine.ray_address == address and engine.runs == 2
+        # a run is done for a grid at its model card; its end, checked after, was clean, and its whole log
+        # (the ServerApp's last line comes after the card) replaces the one written at the card
+        assert engine.settle() == [] and engine.pending == []
+        assert "final model:" in (run_dir / "server.log").read_text()
         drivers = list((ray_temp / "session_latest" / "logs").glob("python-core-driver-*.log"))
         assert len(drivers) == 2, drivers  # each run's simulation process attached to the engine's Ray head
     assert all(_marked_pids(m) == [] for m in markers) and not ray_temp.exists()
