@@ -137,11 +137,8 @@ class SimulationEngine:
         return self
 
     def stop(self) -> None:
-        """Stop the SuperLink and the Ray head with every process they started (after the runs that
-        `simulate` returned have ended: `settle`)."""
+        """Stop the SuperLink and the Ray head with every process they started."""
         if self.link is not None:
-            if self.pending and self.link.process.poll() is None:
-                self.settle(timeout=60.0)
             self.link.stop()
         if self.ray is not None:
             agents = fr.ray_agents(self.ray)
@@ -158,7 +155,11 @@ class SimulationEngine:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        try:
+            if exc[0] is None and self.pending and self.link is not None:
+                self.settle(timeout=60.0)  # leaving normally: the last runs end before their engine does
+        finally:
+            self.stop()
 
 
 def simulate(
