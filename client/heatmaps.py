@@ -469,7 +469,7 @@ def _colour_bar_strip(width: int, height: int, map_name: str) -> np.ndarray:
 
 def _png_bytes(rgb: np.ndarray) -> bytes:
     """(h, w, 3) uint8 as an 8-bit RGB PNG, Pillow's writer at its fastest level: on the CMU heatmap page about
-    half the time of its default level 6, for a file of about the same size."""
+    0.6 of the time of its default level 6, for a file about 15 % larger."""
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()

@@ -280,6 +280,9 @@ def _row(models: Sequence[LoadedModel], what: _Row, scored: _Scored) -> dict[str
     }
 
 
+_Patients = dict[str, tuple[_Scored, int, set[str | None]]]  # patient → scores, tiles, labels of their slides
+
+
 def predict_slides(
     loaded: LoadedModel | Sequence[LoadedModel],
     slides: Sequence[Slide],
@@ -289,6 +292,7 @@ def predict_slides(
     evidence: bool = False,
     coverage: float | None = None,
     infos: Mapping[str, FeatureFileInfo] | None = None,
+    scored_patients: _Patients | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of predictions.csv: every slide, then every patient (all its slides' tiles in one bag, as in
     training), with the model's calibration when it has one (`coverage`: of the prediction sets, default the
@@ -296,7 +300,8 @@ def predict_slides(
     (``spread``) and the union of their conformal sets (covering at least as often as each model's; none when
     a model carries no calibration). `on_slide(slide, coords_px or None, features, scores)` sees each slide's
     scores: the members' mean attention and, with `evidence`, the mean attention × gradient map of the
-    predicted class (heatmaps). `infos`: the headers from `check_inputs`."""
+    predicted class (heatmaps). `infos`: the headers from `check_inputs`. `scored_patients`, when given, is
+    filled with each patient's scores as computed (not rounded into a row), their tiles and their labels."""
     models = [loaded] if isinstance(loaded, LoadedModel) else list(loaded)
     check_ensemble(models)
     thresholds = [
@@ -337,7 +342,7 @@ def predict_slides(
     # a patient of several slides is scored on all their tiles in one bag once the last slide is read; only
     # such a patient's tiles wait in memory, and only until then
     waiting: dict[str, list[np.ndarray]] = {}
-    patients: dict[str, tuple[_Scored, int, set[str | None]]] = {}  # scores, tiles, labels
+    patients: _Patients = {} if scored_patients is None else scored_patients
 
     def read(slide: Slide) -> TileFeatures:  # coordinates only for heatmaps
         info = known.get(slide.slide_id) or inspect_features(slide.features)
@@ -401,23 +406,21 @@ def recalibrate(
             f"{loaded.path} carries no calibration to refit (a DP run, or an older model): "
             "it gives no prediction sets; leave out --recalibrate"
         )
-    rows = [
-        r
-        for r in predict_slides(replace(loaded, calibration=None), slides, infos=infos)
-        if r["level"] == "patient"
-    ]
-    unlabelled = [r["patient_id"] for r in rows if r["label"] not in loaded.classes]
+    # the patients' probabilities at the model's temperature as computed, not as rounded into predictions.csv
+    patients: _Patients = {}
+    predict_slides(loaded, slides, infos=infos, scored_patients=patients)
+    labelled = {pid: next(iter(labels)) for pid, (_, _, labels) in patients.items() if len(labels) == 1}
+    unlabelled = [pid for pid in patients if labelled.get(pid) not in loaded.classes]
     if unlabelled:
         raise PredictError(
-            f"{len(unlabelled)} of {len(rows)} patients to recalibrate on have no label among the model's classes "
-            f"{loaded.classes} (first: '{unlabelled[0]}'); every patient needs one, the same on all their slides"
+            f"{len(unlabelled)} of {len(patients)} patients to recalibrate on have no label among the model's "
+            f"classes {loaded.classes} (first: '{unlabelled[0]}'); every patient needs one, the same on all their "
+            "slides"
         )
-    probs = np.array([[float(r[f"prob_{c}"]) for c in loaded.classes] for r in rows])
-    labels = np.array([loaded.classes.index(r["label"]) for r in rows])
+    probs = np.array([scored.probs for scored, _, _ in patients.values()], dtype=np.float64)
+    labels = np.array([loaded.classes.index(str(labelled[pid])) for pid in patients])
     try:
-        calibration = refit_threshold(
-            loaded.calibration, np.log(np.clip(probs, 1e-12, 1.0)), labels, coverage
-        )
+        calibration = refit_threshold(loaded.calibration, probs, labels, coverage)
     except ValueError as err:
         raise PredictError(str(err)) from err
     return replace(loaded, calibration=calibration)

@@ -88,6 +88,7 @@ def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from fedpath.client import predict as pr
+    from fedpath.common.features import FeatureFileError
     from fedpath.common.manifest import ManifestError
 
     if args.top_k < 1:
@@ -107,6 +108,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise UserError(f"--features {args.features}: not a folder")
             slides = pr.slides_from_folder(args.features, args.slides)
         mismatches: dict[str, list[str]] = {}
+        recalibration_mismatches: dict[str, list[str]] = {}
         for model in models:
             infos, found_by_slide = pr.check_inputs(model, slides, allow_mismatch=args.allow_encoder_mismatch)
             for slide, found in found_by_slide.items():
@@ -116,7 +118,13 @@ def _run(args: argparse.Namespace) -> int:
         if args.recalibrate is not None:
             local = pr.slides_from_manifest(args.recalibrate)
             for model in models:
-                local_infos, _ = pr.check_inputs(model, local, allow_mismatch=args.allow_encoder_mismatch)
+                local_infos, found_by_slide = pr.check_inputs(
+                    model, local, allow_mismatch=args.allow_encoder_mismatch
+                )
+                for slide, found in found_by_slide.items():
+                    recalibration_mismatches.setdefault(slide, []).extend(
+                        f for f in found if f not in recalibration_mismatches.get(slide, [])
+                    )
             models = [pr.recalibrate(m, local, coverage=args.coverage, infos=local_infos) for m in models]
             loaded = models[0]
             both = {s.patient_id for s in local} & {s.patient_id for s in slides}
@@ -126,15 +134,16 @@ def _run(args: argparse.Namespace) -> int:
                     "sets cover them by construction; recalibrate on other patients of this site",
                     file=sys.stderr,
                 )
-    except (pr.PredictError, ManifestError) as err:
+    except (pr.PredictError, ManifestError, FeatureFileError) as err:
         raise UserError(str(err)) from err
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out}: exists and is not a folder")
-    for slide, listed in mismatches.items():
-        print(
-            f"WARNING: slide '{slide}': {'; '.join(listed)} (allowed by --allow-encoder-mismatch)",
-            file=sys.stderr,
-        )
+    for which, allowed in (("", mismatches), ("recalibration ", recalibration_mismatches)):
+        for slide, listed in allowed.items():
+            print(
+                f"WARNING: {which}slide '{slide}': {'; '.join(listed)} (allowed by --allow-encoder-mismatch)",
+                file=sys.stderr,
+            )
 
     drawn: dict[str, dict[str, str | None]] = {}
     on_slide = None
@@ -149,7 +158,7 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"heatmaps: slide '{slide.slide_id}' skipped: its feature file has no tile coordinates")
                 return
             maps = {"attention": scores.attention}
-            k = int(scores.probs.argmax())
+            k = int(next(iter(scores.evidence)))  # the class whose map was computed: the predicted one
             label = loaded.classes[k]
             maps[f"attention_x_gradient_{label}"] = scores.evidence[str(k)]
             files = write_heatmaps(
@@ -169,15 +178,18 @@ def _run(args: argparse.Namespace) -> int:
             }
 
     with tqdm(total=len(slides), unit="slide", desc="predict", disable=None) as bar:
-        rows = pr.predict_slides(
-            models,
-            slides,
-            on_slide=on_slide,
-            progress=bar.update,
-            evidence=args.heatmaps,
-            coverage=args.coverage,
-            infos=infos,
-        )
+        try:
+            rows = pr.predict_slides(
+                models,
+                slides,
+                on_slide=on_slide,
+                progress=bar.update,
+                evidence=args.heatmaps,
+                coverage=args.coverage,
+                infos=infos,
+            )
+        except FeatureFileError as err:  # a file changed or broken since it was checked: nothing is written
+            raise UserError(f"{err} (nothing was written to {args.out})") from err
     summary = {
         **pr.identity(models),
         "model_files": [str(m.path) for m in models],
@@ -188,6 +200,7 @@ def _run(args: argparse.Namespace) -> int:
         "patients": sum(1 for r in rows if r["level"] == "patient"),
         "allow_encoder_mismatch": bool(args.allow_encoder_mismatch),
         "encoder_mismatches": mismatches,
+        "recalibration_encoder_mismatches": recalibration_mismatches,
         "heatmaps": drawn,
         "calibration": [_calibration_summary(m, args.coverage) for m in models],
         "recalibrated_on": None if args.recalibrate is None else str(args.recalibrate.resolve()),

@@ -133,7 +133,9 @@ def minimum_patients(coverage: float) -> int:
     ⌈(n + 1)·coverage⌉ ≤ n (9 for 90 %, 19 for 95 %)."""
     if not 0 < coverage < 1:
         raise ValueError(f"coverage must be between 0 and 1, got {coverage}")
-    n = 1
+    n = max(1, math.floor(coverage / (1 - coverage)))  # the closed form, then exact in float arithmetic
+    while n > 1 and math.ceil(n * coverage) <= n - 1:
+        n -= 1
     while math.ceil((n + 1) * coverage) > n:
         n += 1
     return n
@@ -153,20 +155,20 @@ def split_threshold(scores: np.ndarray, coverage: float) -> float:
 
 def refit_threshold(
     calibration: Calibration,
-    logits: np.ndarray,
+    probs: np.ndarray,
     labels: np.ndarray,
     coverage: float | None = None,
     source: str = "local",
 ) -> Calibration:
     """`calibration` with its conformal threshold fitted on other labelled patients (one hospital's): the
-    ⌈(n + 1)·coverage⌉-th smallest of their scores 1 − p_T(true class) at the calibration's temperature, at
-    `coverage` (default the calibration's). The sets then cover patients exchangeable with these at that
+    ⌈(n + 1)·coverage⌉-th smallest of their scores 1 − p_T(true class), `probs` (n, C) being their probabilities
+    at the calibration's temperature T, at `coverage` (default the calibration's). The sets then cover patients exchangeable with these at that
     coverage. The scores are used exactly, not binned: they stay at the hospital, and the sites' bins are coarse
     near 1, where a shifted hospital's scores lie. (The binned histogram is kept for other coverages.) Raises
     ValueError when there are fewer than `minimum_patients(coverage)`."""
     coverage = coverage or calibration.coverage
     labels = np.asarray(labels, dtype=np.int64)
-    scores = 1.0 - calibrated_probs(logits, calibration.temperature)[np.arange(len(labels)), labels]
+    scores = 1.0 - np.asarray(probs, dtype=np.float64)[np.arange(len(labels)), labels]
     threshold = split_threshold(scores, coverage)
     return replace(
         calibration,

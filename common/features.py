@@ -84,15 +84,14 @@ class FeatureFileInfo:
 
 @dataclass(frozen=True)
 class RawExtent:
-    """Where an uncompressed, contiguous feature matrix lies in its file, and the file as its header was read
-    (size, modification time): the matrix can then be read with one plain read, which, unlike h5py's, lets
-    other threads run. A file changed since is read through h5py again."""
+    """Where an uncompressed, contiguous feature matrix lies in its file, and the file h5py had open when its
+    header was read (device, inode, size, modification time): the matrix can then be read with one plain read,
+    which, unlike h5py's, lets other threads run. A file that is not that one any more is read through h5py."""
 
     offset: int
     dtype: str  # "<f4" or "<f2"
     shape: tuple[int, ...]
-    file_size: int
-    mtime_ns: int
+    file: tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
 
 
 @dataclass(frozen=True)
@@ -204,10 +203,13 @@ def _num(value: Any, kind: type) -> Any:
     return out
 
 
-def _extent(ds: h5py.Dataset, path: Path) -> RawExtent | None:
-    """The dataset's place in the file when it is stored as one plain little-endian float array."""
+def _extent(f: h5py.File, ds: h5py.Dataset) -> RawExtent | None:
+    """The dataset's place in the open file `f` when it is stored there as one plain little-endian float array
+    (not through a link to another file, not chunked, filtered or external)."""
     dtype = ds.dtype.str
     if dtype not in ("<f4", "<f2") or ds.chunks is not None or ds.compression is not None:
+        return None
+    if f.driver != "sec2" or ds.file.id != f.id:  # an external link: the data lie in another file
         return None
     dcpl = ds.id.get_create_plist()
     if dcpl.get_nfilters() or dcpl.get_external_count():
@@ -215,9 +217,13 @@ def _extent(ds: h5py.Dataset, path: Path) -> RawExtent | None:
     offset = ds.id.get_offset()
     if offset is None:  # not allocated: an empty dataset
         return None
-    stat = path.stat()
-    extent = RawExtent(int(offset), dtype, tuple(int(n) for n in ds.shape), stat.st_size, stat.st_mtime_ns)
+    stat = os.fstat(f.id.get_vfd_handle())  # the file h5py read, whatever its path names by now
+    extent = RawExtent(int(offset), dtype, tuple(int(n) for n in ds.shape), _identity(stat))
     return extent if extent.offset + _nbytes(extent) <= stat.st_size else None
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def _nbytes(extent: RawExtent) -> int:
@@ -244,7 +250,7 @@ def _info(f: h5py.File, path: Path) -> FeatureFileInfo:
         tile_size_um=_num(attrs.get("tile_size_um"), float),
         slide_mpp=_num(attrs.get("slide_mpp") or attrs.get("mpp"), float),
         attrs=attrs,
-        extent=_extent(ds, path),
+        extent=_extent(f, ds),
     )
 
 
@@ -300,9 +306,10 @@ def read_matrix(info: FeatureFileInfo) -> np.ndarray:
         return read_feature_matrix(info.path, layout=info.layout)
     try:
         with open(info.path, "rb", buffering=0) as fh:
-            stat = os.fstat(fh.fileno())
-            if (stat.st_size, stat.st_mtime_ns) != (extent.file_size, extent.mtime_ns):
-                return read_feature_matrix(info.path, layout=info.layout)  # changed since its header was read
+            if (
+                _identity(os.fstat(fh.fileno())) != extent.file
+            ):  # replaced or changed since its header was read
+                return read_feature_matrix(info.path, layout=info.layout)
             # numpy's buffer, not a bytearray: its pages are first touched inside the read, which lets other
             # threads run, rather than zeroed while holding the GIL
             data = np.empty(extent.shape[-2:], dtype=extent.dtype)

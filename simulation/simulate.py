@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -84,21 +85,32 @@ class SimulationEngine:
         self._ray_temp: Path | None = None
         self.pending: list[tuple[int, Path]] = []  # (run id, its server.log): runs still in Flower's teardown
         self.problems: list[str] = []  # runs that did not end as completed after their model card
+        self._told = 0  # problems already handed to a caller of `settle`
 
     def settle(self, *, wait: bool = True, timeout: float = 300.0) -> list[str]:
         """Collect the runs that `simulate` returned at their model card: each one's final status and its full
         log (into its server.log), once Flower has ended it; `wait`: until every one has (else only those
         ended already). Returns, and keeps in `problems`, a line for each run that did not end as completed:
         its model and card were written, so it is said, not hidden."""
+        self._settle(wait=wait, timeout=timeout)
+        self._told = len(self.problems)
+        return self.problems
+
+    def _settle(self, *, wait: bool, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self.pending:
             still = []
             for run_id, log_path in self.pending:
-                status = fr.run_status(run_id, self.home)
-                if not status.startswith("finished"):
+                try:
+                    status = fr.run_status(run_id, self.home)
+                    ended = status.startswith("finished")
+                    if ended:
+                        log_path.write_text(fr.run_logs(run_id, self.home))
+                except fr.FlowerRuntimeError:  # Flower's answer about it failed this time: asked again later
+                    ended = False
+                if not ended:
                     still.append((run_id, log_path))
                     continue
-                log_path.write_text(fr.run_logs(run_id, self.home))
                 if status != "finished:completed":
                     self.problems.append(
                         f"run {run_id} ended as '{status}' after writing its model and card (those are "
@@ -114,7 +126,6 @@ class SimulationEngine:
                 self.pending = []
                 break
             time.sleep(0.5)
-        return self.problems
 
     def start(self) -> SimulationEngine:
         if self.link is not None:
@@ -157,7 +168,9 @@ class SimulationEngine:
     def __exit__(self, *exc: object) -> None:
         try:
             if exc[0] is None and self.pending and self.link is not None:
-                self.settle(timeout=60.0)  # leaving normally: the last runs end before their engine does
+                self._settle(wait=True, timeout=60.0)  # leaving normally: the last runs end before the engine
+            for problem in self.problems[self._told :]:  # nobody asked `settle`: said here, not lost
+                print(f"WARNING: {problem}", file=sys.stderr)
         finally:
             self.stop()
 
@@ -215,7 +228,7 @@ def simulate(
     except fr.FlowerRuntimeError as err:
         raise SimulationError(str(err)) from err
     engine.runs += 1
-    engine.settle(wait=False)  # earlier runs whose teardown ended meanwhile
+    engine._settle(wait=False, timeout=0.0)  # earlier runs whose teardown ended meanwhile
     say(
         f"simulation: run {run_id} on a local SuperLink ({engine.link.address}), {sites} sites; "
         f"logs in {flwr_home}"

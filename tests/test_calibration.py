@@ -27,6 +27,7 @@ from fedpath.common.calibration import (
     refit_threshold,
     score_bins,
     site_statistics,
+    split_threshold,
 )
 from fedpath.common.manifest import load_manifest, split_patients
 from fedpath.common.mil import initial_model
@@ -227,7 +228,7 @@ def test_at_a_shifted_hospital_recalibrating_on_its_own_patients_restores_covera
     for _ in range(20):
         order = rng.permutation(n)
         half, rest = order[: n // 2], order[n // 2 :]
-        local = refit_threshold(cal, logits[half], test.labels[half])
+        local = refit_threshold(cal, calibrated_probs(logits[half], cal.temperature), test.labels[half])
         assert local.temperature == cal.temperature and local.patients == n // 2 and local.sites == ["local"]
         refitted.append(coverage(local.threshold, rest))
     assert abs(float(np.mean(refitted)) - 0.9) <= 0.05, (np.mean(refitted), sites_threshold)
@@ -241,6 +242,7 @@ def test_predict_recalibrate_refits_on_the_sites_labelled_patients_and_says_so(
     import json
 
     from fedpath.common.cli import main as fedpath_main
+    from fedpath.common.features import read_features
     from tests.helpers import write_csv, write_feature_file
 
     header = ["slide_id", "patient_id", "site", "label", "features"]
@@ -254,7 +256,7 @@ def test_predict_recalibrate_refits_on_the_sites_labelled_patients_and_says_so(
     model = initial_model(run.model, in_dim=8, num_classes=2, seed=1)
     hist = np.zeros(BINS, dtype=int)
     hist[3] = 60  # the sites' scores all tiny: a threshold that covers almost nobody here
-    cal = Calibration(1.0, 0.9, conformal_threshold(hist, 0.9), 60, hist.tolist(), 0.7, 0.7, ["H1", "H2"])
+    cal = Calibration(2.0, 0.9, conformal_threshold(hist, 0.9), 60, hist.tolist(), 0.7, 0.6, ["H1", "H2"])
     file = tmp_path / "run" / "model.pt"
     file.parent.mkdir()
     save_checkpoint(file, Checkpoint(3, model.state_dict(), run.model_dump(), {}, 3, {}, cal.to_dict()))
@@ -265,12 +267,17 @@ def test_predict_recalibrate_refits_on_the_sites_labelled_patients_and_says_so(
     printed = capsys.readouterr().out
     assert "refitted on 20 labelled patients of this site" in printed
     summary = json.loads((tmp_path / "out" / "predict.json").read_text())
+    # the threshold of the local patients' own scores at the model's temperature, T = 2 (one slide each)
     loaded = load_for_prediction(file)
-    scored = [r for r in predict_slides(loaded, slides_from_manifest(local)) if r["level"] == "patient"]
-    labels = np.array([("a", "b").index(r["label"]) for r in scored])
-    probs = np.array([[float(r["prob_a"]), float(r["prob_b"])] for r in scored])
-    expected = refit_threshold(cal, np.log(probs), labels).threshold
-    assert summary["calibration"][0]["threshold"] == pytest.approx(expected)
+    exact = np.array(
+        [
+            score_bag(loaded.model.eval(), read_features(Path(r[4])).features, temperature=2.0).probs
+            for r in rows[:20]
+        ]
+    )
+    labels = np.array([("a", "b").index(r[3]) for r in rows[:20]])
+    expected = refit_threshold(cal, exact, labels).threshold
+    assert summary["calibration"][0]["threshold"] == pytest.approx(expected, abs=1e-12)
     assert summary["calibration"][0]["calibration_sites"] == ["local"]
     assert summary["recalibrated_on"].endswith("local.csv")
     assert expected > cal.threshold  # the site's scores are larger than the sites' were
@@ -291,3 +298,15 @@ def test_predict_recalibrate_refits_on_the_sites_labelled_patients_and_says_so(
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert fedpath_main([*base, "--out", str(tmp_path / "z"), "--recalibrate", str(new)]) == 0
     assert "10 patients are both predicted and recalibrated on" in capsys.readouterr().err
+
+
+def test_minimum_patients_is_the_fewest_that_give_a_threshold_below_one() -> None:
+    from fedpath.common.calibration import minimum_patients
+
+    for coverage in (0.5, 0.8, 0.9, 0.95, 0.99, 0.123, 0.7777):
+        n = minimum_patients(coverage)
+        assert math.ceil((n + 1) * coverage) <= n and math.ceil(n * coverage) > n - 1
+    assert (minimum_patients(0.9), minimum_patients(0.95)) == (9, 19)
+    assert minimum_patients(0.9999999999) > 10**9  # found at once, not counted up to
+    with pytest.raises(ValueError, match="8 labelled patients cannot calibrate 90 %"):
+        split_threshold(np.zeros(8), 0.9)

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import h5py
@@ -118,7 +119,8 @@ def test_write_is_atomic(tmp_path: Path) -> None:
 
 def test_plain_read_equals_h5py_for_every_layout(tmp_path: Path) -> None:
     """`read_matrix` reads a plainly stored matrix as bytes: the same floats as h5py, for fedpath (float32 and
-    float16), STAMP and CLAM's (1, N, D); a chunked, compressed file has no extent and is read by h5py."""
+    float16), STAMP and CLAM's (1, N, D); a chunked, compressed file, and one whose matrix is an external link
+    into another file, have no extent and are read by h5py."""
     rng = np.random.default_rng(3)
     feats = rng.normal(size=(7, 5)).astype(np.float32)
     coords = np.arange(14).reshape(7, 2) * 256
@@ -132,10 +134,13 @@ def test_plain_read_equals_h5py_for_every_layout(tmp_path: Path) -> None:
         f["features"] = feats[None]
     with h5py.File(tmp_path / "gzip.h5", "w") as f:
         f.create_dataset("features", data=feats, compression="gzip", chunks=(2, 5))
-    paths += [tmp_path / "stamp.h5", tmp_path / "clam.h5", tmp_path / "gzip.h5"]
+    with h5py.File(tmp_path / "link.h5", "w") as f:  # the matrix in another file, this one large enough
+        f["features"] = h5py.ExternalLink("f32.h5", "/features")
+        f["padding"] = np.zeros(4096, dtype=np.float32)
+    paths += [tmp_path / name for name in ("stamp.h5", "clam.h5", "gzip.h5", "link.h5")]
     for path in paths:
         info = inspect_features(path)
-        assert (info.extent is None) == (path.name == "gzip.h5"), path.name
+        assert (info.extent is None) == (path.name in ("gzip.h5", "link.h5")), path.name
         got = read_matrix(info)
         assert got.dtype == np.float32 and got.shape == (7, 5)
         np.testing.assert_array_equal(got, read_feature_matrix(path))
@@ -150,6 +155,21 @@ def test_plain_read_of_a_changed_file_is_not_stale(tmp_path: Path) -> None:
     info = inspect_features(path)
     assert info.extent is not None
     np.testing.assert_array_equal(read_matrix(info), first)
+
+    stat = path.stat()  # replaced by a file of the same size and modification time (cp -p, rsync -t)
+    write_features(path, first + 5, coords, meta())
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    through_h5py = []
+    import fedpath.common.features as features_module
+
+    real = features_module.read_feature_matrix
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            features_module, "read_feature_matrix", lambda *a, **k: through_h5py.append(a) or real(*a, **k)
+        )
+        np.testing.assert_array_equal(read_matrix(info), first + 5)
+    assert through_h5py  # another file (inode) than the header's: not read at the old place
 
     second = np.full((6, 3), 2.0, dtype=np.float32)
     write_features(path, second, np.zeros((6, 2), dtype=np.int64), meta())

@@ -8,6 +8,7 @@ import csv
 import hashlib
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -168,9 +169,12 @@ def test_a_patients_slides_are_pooled_as_in_training(tmp_path: Path) -> None:
     assert patients["P2"]["prob_tumour"] == slide_p2["prob_tumour"]
 
 
-def test_slides_read_ahead_give_the_same_rows_and_a_broken_file_is_named(tmp_path: Path) -> None:
+def test_slides_read_ahead_give_the_same_rows_and_a_broken_file_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """With the headers checked first (as the command does), the next slide is read by a thread while the model
-    scores this one: the rows are those of reading in turn, and a file broken after the check is named."""
+    scores this one, as plain bytes: the rows are those of reading each file in turn through h5py, and a file
+    broken after the check is named."""
     rows_ = []
     for i in range(5):
         path = write_feature_file(tmp_path / f"s{i}.h5", n_tiles=4 + i, dim=8, seed=i, slide_id=f"s{i}")
@@ -180,12 +184,22 @@ def test_slides_read_ahead_give_the_same_rows_and_a_broken_file_is_named(tmp_pat
     slides = slides_from_manifest(manifest)
     infos, _ = check_inputs(loaded, slides, allow_mismatch=False)
     assert all(info.extent is not None for info in infos.values())
-    assert predict_slides(loaded, slides, infos=infos) == predict_slides(loaded, slides)
+    through_h5py = {
+        slide: replace(info, extent=None) for slide, info in infos.items()
+    }  # read in turn, by h5py
+    assert predict_slides(loaded, slides, infos=infos) == predict_slides(loaded, slides, infos=through_h5py)
 
     with h5py.File(tmp_path / "s3.h5", "r+") as f:  # NaN written in place: same size, a new mtime
         f["features"][1, 2] = np.nan
     with pytest.raises(FeatureFileError, match=r"s3\.h5: features contain NaN"):
         predict_slides(loaded, slides, infos=infos)
+    # the command: a clear error naming the file, nothing written
+    out = tmp_path / "out"
+    code = fedpath_main(
+        ["predict", "--model", str(tmp_path / "run"), "--manifest", str(manifest), "--out", str(out)]
+    )
+    assert code == 2 and not out.exists()
+    assert "s3.h5: features contain NaN or Inf; re-extract this slide" in capsys.readouterr().err
 
 
 def test_attention_x_gradient_is_zero_where_a_tile_speaks_against_the_class() -> None:

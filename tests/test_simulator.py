@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -488,3 +489,37 @@ def test_min_local_patients_decides_which_sites_train_alone(tmp_path: Path) -> N
             else f"none: too small to train alone (< {threshold}"
         )
         assert expected in small, small
+
+
+def test_a_run_ended_badly_after_its_card_is_reported_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A grid's run is done at its model card; `settle` asks Flower for its end later. An answer that fails
+    is asked again; a run Flower ended as failed is a problem returned to the caller (compare lists it) and,
+    when no caller asked, said on leaving the engine."""
+    from fedpath.server import flower_runtime as fr
+    from fedpath.simulation.simulate import SimulationEngine
+
+    answers = {7: iter([fr.FlowerRuntimeError("flwr ls failed"), "running", "finished:failed"])}
+
+    def status(run_id: int, _home: Path, **_: object) -> str:
+        answer = next(answers[run_id])
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(fr, "run_status", status)
+    monkeypatch.setattr(fr, "run_logs", lambda run_id, _home, **_: f"whole log of run {run_id}\n")
+    monkeypatch.setattr(time, "sleep", lambda _s: None)
+    engine = SimulationEngine(tmp_path / "engine")
+    engine.pending = [(7, tmp_path / "server.log")]
+    engine._settle(wait=False, timeout=0.0)  # the failed answer: still pending, nothing lost
+    assert engine.pending and engine.problems == []
+    problems = engine.settle()
+    assert len(problems) == 1 and "run 7 ended as 'finished:failed' after writing its model" in problems[0]
+    assert (tmp_path / "server.log").read_text() == "whole log of run 7\n" and engine.pending == []
+
+    quiet = SimulationEngine(tmp_path / "quiet")  # nobody calls settle: leaving the engine says it
+    quiet.problems = ["run 8 ended as 'finished:failed' after writing its model and card"]
+    quiet.__exit__(None, None, None)  # as leaving its `with` block does (this one was never started)
+    assert "WARNING: run 8 ended as 'finished:failed'" in capsys.readouterr().err

@@ -245,7 +245,12 @@ def _coverage_warnings(analysis: Analysis, lead: Summary | None) -> list[str]:
         if not local
         else " Refitted on half of each such hospital's own labelled patients (fedpath predict --recalibrate), "
         f"they held it for {100 * sum(c.local_coverage for c in local) / len(local):.0f} % of the other half, "
-        f"abstaining on {100 * sum(c.local_abstained for c in local) / len(local):.0f} %."
+        f"abstaining on {100 * sum(c.local_abstained for c in local) / len(local):.0f} %"
+        + (
+            "."
+            if len(local) == len(rows)
+            else f" (at {len(local)} of {len(rows)} hospitals; the others are too small)."
+        )
     )
     return [
         f"⚠ At hospitals it never saw, {lead.method}'s {100 * target:.0f} % prediction sets held the right class "
