@@ -72,6 +72,19 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _checked(
+    pr: Any, models: list[Any], slides: list[Any], allow_mismatch: bool
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The slides' headers, checked against every model (`predict.check_inputs`), and the differences allowed
+    by --allow-encoder-mismatch per slide, each said once across the models."""
+    mismatches: dict[str, list[str]] = {}
+    for model in models:
+        infos, found_by_slide = pr.check_inputs(model, slides, allow_mismatch=allow_mismatch)
+        for slide, found in found_by_slide.items():
+            mismatches.setdefault(slide, []).extend(f for f in found if f not in mismatches.get(slide, []))
+    return infos, mismatches
+
+
 def _tile_side_px(info: Any) -> int:
     """A tile's side in level-0 pixels: its physical size over the slide's µm/px where both are known."""
     if info.tile_size_um and info.slide_mpp:
@@ -107,24 +120,11 @@ def _run(args: argparse.Namespace) -> int:
             if not args.features.is_dir():
                 raise UserError(f"--features {args.features}: not a folder")
             slides = pr.slides_from_folder(args.features, args.slides)
-        mismatches: dict[str, list[str]] = {}
+        infos, mismatches = _checked(pr, models, slides, args.allow_encoder_mismatch)
         recalibration_mismatches: dict[str, list[str]] = {}
-        for model in models:
-            infos, found_by_slide = pr.check_inputs(model, slides, allow_mismatch=args.allow_encoder_mismatch)
-            for slide, found in found_by_slide.items():
-                mismatches.setdefault(slide, []).extend(
-                    f for f in found if f not in mismatches.get(slide, [])
-                )
         if args.recalibrate is not None:
             local = pr.slides_from_manifest(args.recalibrate)
-            for model in models:
-                local_infos, found_by_slide = pr.check_inputs(
-                    model, local, allow_mismatch=args.allow_encoder_mismatch
-                )
-                for slide, found in found_by_slide.items():
-                    recalibration_mismatches.setdefault(slide, []).extend(
-                        f for f in found if f not in recalibration_mismatches.get(slide, [])
-                    )
+            local_infos, recalibration_mismatches = _checked(pr, models, local, args.allow_encoder_mismatch)
             models = [pr.recalibrate(m, local, coverage=args.coverage, infos=local_infos) for m in models]
             loaded = models[0]
             both = {s.patient_id for s in local} & {s.patient_id for s in slides}

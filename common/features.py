@@ -306,9 +306,8 @@ def read_matrix(info: FeatureFileInfo) -> np.ndarray:
         return read_feature_matrix(info.path, layout=info.layout)
     try:
         with open(info.path, "rb", buffering=0) as fh:
-            if (
-                _identity(os.fstat(fh.fileno())) != extent.file
-            ):  # replaced or changed since its header was read
+            # replaced or changed since its header was read: h5py reads it as it is now
+            if _identity(os.fstat(fh.fileno())) != extent.file:
                 return read_feature_matrix(info.path, layout=info.layout)
             # numpy's buffer, not a bytearray: its pages are first touched inside the read, which lets other
             # threads run, rather than zeroed while holding the GIL

@@ -579,10 +579,18 @@ def _recalibrated_locally(
     for _ in range(LOCAL_SPLITS):
         order = rng.permutation(n)
         fit, rest = order[:half], order[half:]
-        sets = prediction_sets(probs[rest], split_threshold(scores[fit], target))
-        covered.append(np.mean([int(y) in s for y, s in zip(labels[rest], sets, strict=True)]))
-        abstained.append(np.mean([len(s) != 1 for s in sets]))
+        coverage, abstention = _covered_and_abstained(
+            labels[rest], prediction_sets(probs[rest], split_threshold(scores[fit], target))
+        )
+        covered.append(coverage)
+        abstained.append(abstention)
     return float(np.mean(covered)), float(np.mean(abstained)), half
+
+
+def _covered_and_abstained(labels: np.ndarray, sets: Sequence[Sequence[int]]) -> tuple[float, float]:
+    """The share of patients whose prediction set holds their class, and the share whose set is not one class."""
+    coverage = float(np.mean([int(y) in s for y, s in zip(labels, sets, strict=True)]))
+    return coverage, float(np.mean([len(s) != 1 for s in sets]))
 
 
 def calibration_at_sites(
@@ -604,10 +612,9 @@ def calibration_at_sites(
             kept = [i for i, s in enumerate(sets) if len(s) == 1]
             numbers["ece_before"].append(expected_calibration_error(e.labels, e.probs))
             numbers["ece_after"].append(expected_calibration_error(e.labels, probs))
-            numbers["coverage"].append(
-                float(np.mean([int(y) in s for y, s in zip(e.labels, sets, strict=True)]))
-            )
-            numbers["abstained"].append(1.0 - len(kept) / len(sets))
+            coverage, abstention = _covered_and_abstained(e.labels, sets)
+            numbers["coverage"].append(coverage)
+            numbers["abstained"].append(abstention)
             numbers["accuracy_kept"].append(
                 float(np.mean([sets[i][0] == int(e.labels[i]) for i in kept])) if kept else math.nan
             )
