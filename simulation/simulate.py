@@ -21,7 +21,7 @@ from typing import Any
 from fedpath.common.bags import feature_dim
 from fedpath.common.features import FeatureFileError
 from fedpath.common.manifest import load_manifest
-from fedpath.common.processes import FlowerProcess, flower_env
+from fedpath.common.processes import FlowerProcess, simulation_env
 from fedpath.common.runconfig import RunConfig
 from fedpath.server import flower_runtime as fr
 from fedpath.server.runfolder import RunFolder
@@ -138,7 +138,7 @@ class SimulationEngine:
                 self._ray_temp = Path(tempfile.mkdtemp(prefix="fedpath-ray-"))
                 self.ray = fr.start_ray_head(self.home, self._ray_temp, cpus=self.cpus)
                 self.ray_address = self.ray.address
-            env = {**flower_env(self.home), "RAY_ADDRESS": self.ray_address}
+            env = {**simulation_env(self.home), "RAY_ADDRESS": self.ray_address}
             self.link = fr.start_superlink(self.home, simulation=True, env=env)
             fr.write_connection(self.home, self.link.address)
         except BaseException:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpath.common.processes import SUPEREXEC_POLL_S, FlowerProcess, _marked_pids, start_process
+from fedpath.common.processes import POLL_ENV, SUPEREXEC_POLL_S, FlowerProcess, _marked_pids, start_process
 from fedpath.server import flower_runtime as fr
 from tests.federation_helpers import make_cohort, wait_for
 
@@ -53,17 +53,27 @@ def _terminate_and_check(process: FlowerProcess, expected_code: int = 143) -> No
     wait_for(lambda: _marked_pids(process.marker) == [], 30, f"every process to stop: {_names(process)}")
 
 
+def _polls(process: FlowerProcess) -> set[str | None]:
+    """The SuperExec poll interval in the environment of each `flower-superexec` under `process`."""
+    return {_environ(pid).get(POLL_ENV) for pid in _pids_named(process, "flower-superexec")}
+
+
 def test_sigterm_to_simulate_stops_the_superlink_and_ray(tmp_path: Path) -> None:
     manifest = make_cohort(tmp_path / "cohort", sites=2, slides=16, shift=0.5)
     cmd = [FEDPATH, "simulate", "--manifest", str(manifest), "--out", str(tmp_path / "run"), "--rounds", "50"]
     process = start_process(cmd, tmp_path, tmp_path / "simulate.out")
     try:
         wait_for(
-            lambda: "flower-superlink" in _names(process) and any("ray" in n for n in _names(process)),
+            lambda: (
+                {"flower-superlink", "flower-superexec"} <= _names(process)
+                and any("ray" in n for n in _names(process))
+            ),
             180,
             "the SuperLink and Ray workers",
             poll=1,
         )
+        # the simulation engine's SuperExec asks for the next federation to launch five times a second
+        assert _polls(process) == {str(SUPEREXEC_POLL_S)}
         _terminate_and_check(process)
     finally:
         process.stop()
@@ -108,12 +118,8 @@ def test_sigterm_to_server_and_site_start_stops_every_flower_process(tmp_path: P
         )
         wait_for(lambda: {"flower-supernode", "flower-superexec"} <= _names(site), 120, "the node", poll=1)
         assert {"flower-superlink"} <= _names(server) and "fedpath.server.gateway" in _names(server)
-        # the site's SuperExec launches a ClientApp every round: it asks for work at fedpath's interval
-        polls = {
-            _environ(pid).get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL")
-            for pid in _pids_named(site, "flower-superexec")
-        }
-        assert polls == {str(SUPEREXEC_POLL_S)}, polls
+        # a deployed site's SuperExec asks for work at Flower's own interval: asking faster costs CPU all day
+        assert _polls(site) == {None}
         _terminate_and_check(site)
         _terminate_and_check(server)
     finally:

@@ -43,6 +43,40 @@ def test_accountant_matches_opacus_reference_values() -> None:
     assert calibrate_noise(8.0, 1e-5, 0.04, 90 * 25) == pytest.approx(1.416, abs=0.01)
 
 
+@pytest.mark.parametrize(
+    ("target", "q", "steps", "prior"),
+    [
+        (8.0, 0.2, 30, []),
+        (1.78, 0.424, 33, []),
+        (0.59, 0.441, 111, []),  # σ ≈ 31: five doublings before the bracket
+        (6.12, 0.056, 163, []),
+        (4.0, 0.1, 20, [(1.3, 0.1, 20), (2.0, 0.12, 15)]),  # a site's later round: its ledger comes first
+    ],
+)
+def test_calibrated_noise_is_the_smallest_within_budget_to_1e4(
+    target: float,
+    q: float,
+    steps: int,
+    prior: list[tuple[float, float, int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedpath.common import accounting
+
+    computed = 0
+    real = accounting.epsilon_of
+
+    def counted(history: list[tuple[float, float, int]], delta: float) -> float:
+        nonlocal computed
+        computed += 1
+        return real(history, delta)
+
+    monkeypatch.setattr("fedpath.client.privacy.epsilon_of", counted)
+    sigma = calibrate_noise(target, 1e-5, q, steps, prior)
+    assert real([*prior, (sigma, q, steps)], 1e-5) <= target  # within budget, as computed by Opacus's curves
+    assert real([*prior, (sigma - 1e-4, q, steps)], 1e-5) > target  # and 1e-4 less would not be
+    assert computed <= 13, computed  # halving the bracket took 16-24 ε computations for these
+
+
 def _cohort(tmp_path: Path, patients: int, slides_per_patient: int, dim: int = 6) -> Path:
     rows = []
     for p in range(patients):
