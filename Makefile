@@ -31,10 +31,13 @@ typecheck: $(STAMP)
 	MYPYPATH=.typecheck $(BIN)/mypy -p fedpath
 	MYPYPATH=.typecheck $(BIN)/mypy benchmarks
 
-# Two pytest workers on two cores: the slowest tests mostly wait on Flower (a SuperNode polls every 3 s, a
-# killed site is noticed after two 30 s heartbeats), so a second worker fills the idle time. Three were faster
-# still (8-9 min against 11 in one process) but once starved a simulated run's Ray workers past their start
-# timeout. Each worker starts its own Ray head when its tests need one.
+# Two pytest workers on two cores: the slowest tests wait on Flower (a SuperNode polls every 3 s, a killed site
+# is noticed after two 30 s heartbeats), so a second worker fills the idle time; but the suite keeps both cores
+# 92-98 % busy (measured), mostly in processes Flower starts (a ClientApp process per message at a deployed
+# site, Ray actors, simulation processes), so three workers were slower (11 min 32 s against 10 min 7 s). Tests
+# are dealt one by one (--dist load): whole modules per worker (--dist loadscope) left one worker idle while the
+# other ran the deployment module's scenarios one after another. (xdist 3.8's --dist loadgroup does not group
+# under pytest 9.2: it renames items through an attribute pytest no longer reads.)
 PYTEST_WORKERS ?= 2
 unit: $(STAMP) browser
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist load --durations=12

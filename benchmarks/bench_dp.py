@@ -10,10 +10,15 @@ final model on every site's test patients, pooled.
     python benchmarks/bench_dp.py [--patients 300] [--dim 384] [--batch 16] [--repeats 3] [--model abmil]
     python benchmarks/bench_dp.py --utility [--rounds 5] [--epsilons 1,4,8]
     python benchmarks/bench_dp.py --growth [--rounds 10] [--steps 3]
+    python benchmarks/bench_dp.py --calibration [--repeats 3]
 
 Growth (--growth; target: round 5 ÷ round 1 ≤ 1.2): a site's DP rounds as its ClientApp runs them, in one
 process: σ calibrated for a target ε over the rounds left, `--steps` noisy steps, the round recorded in the
 ledger; the wall time of each round (calibration + training + ledger). Opacus is imported before round 1.
+
+Calibration (--calibration): a site's σ calibration (`calibrate_noise`) against the same search by halving the
+bracket (how it searched before), on eight (ε, q, steps) settings, alternating in this process with the RDP
+cache cleared before each; the ratio of the medians of the total times, and the ε computations each took.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -42,7 +48,11 @@ def main() -> None:
     parser.add_argument("--epsilons", default="1,4,8", help="target ε per site (--utility)")
     parser.add_argument("--growth", action="store_true", help="DP round time against the round number")
     parser.add_argument("--steps", type=int, default=3, help="noisy steps per round (--growth)")
+    parser.add_argument("--calibration", action="store_true", help="σ calibration against halving")
     args = parser.parse_args()
+    if args.calibration:
+        calibration(args)
+        return
     if args.utility:
         utility(args)
         return
@@ -140,6 +150,66 @@ def growth(args: argparse.Namespace) -> None:
           + ", ".join(f"{t:.2f}" for t in times))  # fmt: skip
     print(f"round 5 / round 1: {ratio:.2f}  (target ≤ 1.2) -> {'PASS' if ratio <= 1.2 else 'FAIL'}")
     print(json.dumps({"seconds": times, "ratio_5_1": ratio, "steps": args.steps}))
+
+
+def _halving(target: float, delta: float, q: float, steps: int, excess_of: Callable[[float], float]) -> float:
+    """The baseline: the smallest σ within budget to 1e-4 by halving the bracket (fedpath before)."""
+    low, high = 0.05, 1.0
+    while excess_of(high) > 0:
+        low, high = high, high * 2
+    while high - low > 1e-4:
+        mid = (low + high) / 2
+        if excess_of(mid) > 0:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def calibration(args: argparse.Namespace) -> None:
+    import random
+
+    from fedpath.client import privacy
+    from fedpath.common import accounting
+
+    rng = random.Random(0)
+    settings = [(8.0, 0.2, 30)] + [
+        (rng.uniform(0.5, 10), rng.uniform(0.005, 0.5), rng.randint(1, 300)) for _ in range(7)
+    ]
+    real = accounting.epsilon_of
+    counts = {"halving": 0, "fedpath": 0}
+    current = ["fedpath"]
+
+    def counted(history: list[tuple[float, float, int]], delta: float) -> float:
+        counts[current[0]] += 1
+        return real(history, delta)
+
+    privacy.epsilon_of = counted  # type: ignore[assignment]  # this process only: counts ε computations
+    real([(1.0, 0.5, 1)], 1e-5)  # Opacus's accountant imported before the first timing
+    times: dict[str, list[float]] = {"halving": [], "fedpath": []}
+    sigmas: dict[str, list[float]] = {"halving": [], "fedpath": []}
+    for _ in range(args.repeats):
+        for name in ("halving", "fedpath"):
+            current[0], counts[name] = name, 0
+            accounting._rdp_per_step.cache_clear()
+            start = time.perf_counter()
+            found = []
+            for eps, q, steps in settings:
+                if name == "fedpath":
+                    found.append(privacy.calibrate_noise(eps, 1e-5, q, steps))
+                else:
+                    excess = lambda s, e=eps, q=q, n=steps: counted([(s, q, n)], 1e-5) - e  # noqa: E731
+                    found.append(_halving(eps, 1e-5, q, steps, excess))
+            times[name].append(time.perf_counter() - start)
+            sigmas[name] = found
+    privacy.epsilon_of = real
+    ratio = statistics.median(times["fedpath"]) / statistics.median(times["halving"])
+    largest = max(abs(a - b) for a, b in zip(sigmas["fedpath"], sigmas["halving"], strict=True))
+    print(f"{len(settings)} calibrations: halving {statistics.median(times['halving']):.2f} s "
+          f"({counts['halving']} ε computations), fedpath {statistics.median(times['fedpath']):.2f} s "
+          f"({counts['fedpath']}); ratio {ratio:.2f}; largest σ difference {largest:.1e} (tolerance 1e-4)")  # fmt: skip
+    print(json.dumps({"halving_s": times["halving"], "fedpath_s": times["fedpath"], "ratio": ratio,
+                      "computations": counts, "largest_sigma_difference": largest}))  # fmt: skip
 
 
 def utility(args: argparse.Namespace) -> None:
