@@ -8,6 +8,37 @@ from pathlib import Path
 
 import pytest
 
+# Modules whose tests share an expensive module-scoped fixture (a simulated federation, a DP federation run and
+# resumed, a TLS SuperLink, extracted slides, a report's run): under `make test`'s two workers each of these
+# modules runs in one worker, so its fixture is built once; dealt test by test, both workers built it. Other
+# tests are still dealt one by one, so the deployment scenarios (mostly waiting on Flower) overlap on two workers.
+ONE_WORKER_MODULES = frozenset(
+    f"tests/{name}.py"
+    for name in (
+        "test_federation_simulation",
+        "test_privacy_federation",
+        "test_report",
+        "test_deploy",
+        "test_extract",
+        "test_predict",
+        "test_heatmaps",
+    )
+)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """pytest-xdist's scheduling by scope, a scope being a whole module for `ONE_WORKER_MODULES` and a single test
+    otherwise. (xdist's own `--dist loadgroup` does not group under pytest 9.2: it renames items through an
+    attribute that pytest no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesThatShareFixtures(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in ONE_WORKER_MODULES else nodeid
+
+    return ModulesThatShareFixtures(config, log)
+
 
 @pytest.fixture
 def task_identity() -> Iterator[None]:
