@@ -35,9 +35,9 @@ typecheck: $(STAMP)
 # is noticed after two 30 s heartbeats), so a second worker fills the idle time; but the suite keeps both cores
 # 92-98 % busy (measured), mostly in processes Flower starts (a ClientApp process per message at a deployed
 # site, Ray actors, simulation processes), so three workers were slower (11 min 32 s against 10 min 7 s). Tests
-# are dealt one by one (--dist load): whole modules per worker (--dist loadscope) left one worker idle while the
-# other ran the deployment module's scenarios one after another. (xdist 3.8's --dist loadgroup does not group
-# under pytest 9.2: it renames items through an attribute pytest no longer reads.)
+# are dealt one by one, except the modules that share an expensive fixture, each kept in one worker (a scheduler
+# in tests/conftest.py): whole modules for every module (--dist loadscope) left one worker idle while the other
+# ran the deployment module's scenarios one after another.
 PYTEST_WORKERS ?= 2
 unit: $(STAMP) browser
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist load --durations=12
