@@ -152,7 +152,7 @@ def growth(args: argparse.Namespace) -> None:
     print(json.dumps({"seconds": times, "ratio_5_1": ratio, "steps": args.steps}))
 
 
-def _halving(target: float, delta: float, q: float, steps: int, excess_of: Callable[[float], float]) -> float:
+def _halving(excess_of: Callable[[float], float]) -> float:
     """The baseline: the smallest σ within budget to 1e-4 by halving the bracket (fedpath before)."""
     low, high = 0.05, 1.0
     while excess_of(high) > 0:
@@ -199,7 +199,7 @@ def calibration(args: argparse.Namespace) -> None:
                     found.append(privacy.calibrate_noise(eps, 1e-5, q, steps))
                 else:
                     excess = lambda s, e=eps, q=q, n=steps: counted([(s, q, n)], 1e-5) - e  # noqa: E731
-                    found.append(_halving(eps, 1e-5, q, steps, excess))
+                    found.append(_halving(excess))
             times[name].append(time.perf_counter() - start)
             sigmas[name] = found
     privacy.epsilon_of = real

@@ -141,6 +141,12 @@ def minimum_patients(coverage: float) -> int:
     return n
 
 
+def nonconformity(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each patient's nonconformity score 1 − p(true class), from probabilities (n, C) and class indices (n,)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    return 1.0 - np.asarray(probs, dtype=np.float64)[np.arange(len(labels)), labels]
+
+
 def split_threshold(scores: np.ndarray, coverage: float) -> float:
     """Split conformal on exact nonconformity scores: the ⌈(n + 1)·coverage⌉-th smallest. Raises ValueError,
     saying how many it takes, when there are fewer than `minimum_patients(coverage)`."""
@@ -167,8 +173,7 @@ def refit_threshold(
     near 1, where a shifted hospital's scores lie. (The binned histogram is kept for other coverages.) Raises
     ValueError when there are fewer than `minimum_patients(coverage)`."""
     coverage = coverage or calibration.coverage
-    labels = np.asarray(labels, dtype=np.int64)
-    scores = 1.0 - np.asarray(probs, dtype=np.float64)[np.arange(len(labels)), labels]
+    scores = nonconformity(probs, labels)
     threshold = split_threshold(scores, coverage)
     return replace(
         calibration,

@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedpath.common.calibration import calibrated_probs, minimum_patients, prediction_sets, split_threshold
+from fedpath.common.calibration import (
+    calibrated_probs,
+    minimum_patients,
+    nonconformity,
+    prediction_sets,
+    split_threshold,
+)
 from fedpath.common.metrics import (
     Estimate,
     aggregate_by_patient,
@@ -573,7 +579,7 @@ def _recalibrated_locally(
     half = n // 2
     if half < minimum_patients(target):
         return math.nan, math.nan, half
-    scores = 1.0 - probs[np.arange(n), labels.astype(int)]
+    scores = nonconformity(probs, labels)
     rng = np.random.default_rng(seed)
     covered, abstained = [], []
     for _ in range(LOCAL_SPLITS):
